@@ -1,0 +1,147 @@
+"""The `paircurate` command line."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+
+from paircurate.config import ConfigError, load_config
+
+def _user_errors() -> tuple:
+    """Errors a user can cause: they end with one line, not a traceback."""
+    from paircurate.run import RunError
+    from paircurate.transforms.read import InputError
+
+    errors: List[type] = [ConfigError, RunError, InputError, FileNotFoundError]
+    try:
+        from paircurate.transforms.clip import ClipModelError  # type: ignore
+        errors.append(ClipModelError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _overrides(sets: Sequence[str], allow_hosts: Sequence[str], no_clip: bool,
+               runner: Optional[str]) -> List[str]:
+    overrides = list(sets)
+    if allow_hosts:
+        overrides.append("fetch.allowed_hosts=[" + ",".join(allow_hosts) + "]")
+    if no_clip:
+        overrides.append("clip.enabled=false")
+    if runner:
+        overrides.append(f"runner.runner={runner}")
+    return overrides
+
+
+def print_summary(stats: Dict[str, Any], output: str) -> None:
+    """The end-of-run table: rows in, per-status counts, shards, where the output is."""
+    rows = stats["ledger_rows"] or 1
+    click.echo("")
+    click.echo(f"{'status':<20}{'rows':>10}{'share':>9}")
+    click.echo("-" * 39)
+    for status, count in stats["by_status"].items():
+        if count:
+            click.echo(f"{status:<20}{count:>10}{100.0 * count / rows:>8.1f}%")
+    click.echo("-" * 39)
+    click.echo(f"{'rows in':<20}{stats['rows_in']:>10}")
+    click.echo(f"{'kept (ok)':<20}{stats['kept']:>10}")
+    click.echo(f"{'shards written':<20}{stats['shards']:>10}")
+    click.echo(f"{'duration':<20}{stats['duration_s']:>9.1f}s")
+    click.echo(f"output: {os.path.abspath(output) if '://' not in output else output}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log Beam's progress (INFO).")
+def cli(verbose: bool) -> None:
+    """paircurate: curate paired image-text datasets with Apache Beam.
+
+    Reads URL + caption lists, downloads the images safely, removes exact and
+    near duplicates, scores pairs with CLIP, and writes WebDataset shards plus a
+    Parquet ledger with one row per input row.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--input", "input_path", required=True,
+              help="Input file, glob or folder (Parquet, CSV, TSV, JSONL, TXT; optionally .gz).")
+@click.option("--output", required=True, help="Output folder (local path, gs://, s3://).")
+@click.option("--config", "config_path", default=None,
+              help="YAML config (default: configs/local.yaml). Names in configs/ work too: dataflow, spark, nightly.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config key; repeatable. The value is read as YAML.")
+@click.option("--runner", default=None, help="Beam runner (DirectRunner, DataflowRunner, SparkRunner, ...).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST:PORT",
+              help="Exempt HOST:PORT from the private-address block (e.g. a loopback test server); repeatable.")
+@click.option("--no-clip", is_flag=True, help="Skip CLIP scoring (same as --set clip.enabled=false).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in the output folder.")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+def run(input_path: str, output: str, config_path: Optional[str], sets: Sequence[str],
+        runner: Optional[str], allow_hosts: Sequence[str], no_clip: bool, overwrite: bool,
+        beam_args: Sequence[str]) -> None:
+    """Run the curation pipeline on INPUT, writing shards and the ledger to OUTPUT.
+
+    Arguments after `--` go to Beam untouched (e.g. -- --project=P --region=R).
+    """
+    from paircurate.run import run_pipeline
+
+    try:
+        config = load_config(config_path, _overrides(sets, allow_hosts, no_clip, runner))
+        stats = run_pipeline(input_path, output, config, list(beam_args), overwrite=overwrite)
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    print_summary(stats, output)
+
+
+@cli.command()
+@click.option("--output", default="paircurate-demo", show_default=True, help="Output folder.")
+@click.option("--images", default=240, show_default=True, help="Number of distinct images to generate.")
+@click.option("--no-clip", is_flag=True, help="Skip CLIP scoring.")
+def demo(output: str, images: int, no_clip: bool) -> None:
+    """Run the whole pipeline offline on a generated sample served from loopback.
+
+    Generates images and captions (with duplicates, broken URLs, non-images,
+    corrupt files, short captions, opted-out and blocked URLs mixed in), serves
+    them on 127.0.0.1, runs the pipeline and prints the summary.
+    """
+    from paircurate.config import find_config_file
+    from paircurate.demo import DEMO_MODEL_CONFIG, build_sample, demo_overrides, write_input
+    from paircurate.imageserver import ImageServer
+    from paircurate.run import run_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    clip_available = not no_clip
+    if clip_available:
+        try:
+            find_config_file(os.path.join("models", DEMO_MODEL_CONFIG + ".json"))
+        except ConfigError:
+            clip_available = False
+    started = time.time()
+    # Replace an earlier demo in the same folder, but never an unrelated finished run.
+    overwrite = os.path.isdir(os.path.join(output, "demo-input"))
+    with ImageServer() as server:
+        rows = build_sample(server, n_images=images)
+        input_path = os.path.join(output, "demo-input", "input.parquet")
+        write_input(rows, input_path)
+        click.echo(f"demo: {len(rows)} input rows served from http://{server.host_port}; "
+                   f"CLIP {'on (tiny random-weight model)' if clip_available else 'off'}")
+        try:
+            config = load_config(None, demo_overrides(server.host_port, clip_available))
+            stats = run_pipeline(input_path, output, config, overwrite=overwrite)
+        except _user_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+    print_summary(stats, output)
+    click.echo(f"demo finished in {time.time() - started:.1f}s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="paircurate")
+
+
+if __name__ == "__main__":
+    main()

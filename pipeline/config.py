@@ -1,0 +1,284 @@
+"""One typed configuration, loaded from YAML and overridable with ``--set``.
+
+Unknown sections or keys are errors that list the valid ones; values are
+checked against the declared types, so a typo fails at start-up, not after an
+hour of downloading.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: configs/ ships inside the package (see pyproject) and lies beside it in a checkout.
+CONFIG_DIRS = [os.path.join(PACKAGE_DIR, "configs"),
+               os.path.join(os.path.dirname(PACKAGE_DIR), "configs")]
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote is wrong; the message says how."""
+
+
+@dataclass
+class InputConfig:
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # auto | parquet | csv | tsv | jsonl | txt (auto: from the file name)
+    format: str = "auto"
+    # Text inputs (txt, tsv, jsonl) are split into byte ranges of this size so
+    # that several workers read one large file.
+    split_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class FilterConfig:
+    # LAION drops captions under 5 characters.
+    min_caption_length: int = 5
+    max_caption_length: int = 10000
+    # Exact URL+caption dedup of the input list (duplicate_input).
+    dedup_input: bool = True
+
+
+@dataclass
+class FetchConfig:
+    threads: int = 64
+    connect_timeout: float = 10.0
+    # Limit for the whole response (headers and body), not per read.
+    timeout: float = 30.0
+    retries: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    retry_after_max: float = 30.0
+    # Retry timeouts too?  Off: a retried timeout costs another whole timeout.
+    retry_timeouts: bool = False
+    max_bytes: int = 20 * 1024 * 1024
+    max_redirects: int = 5
+    per_host_concurrency: int = 16
+    user_agent: str = "paircurate/0.1 (+https://github.com/paircurate/paircurate)"
+    user_agent_token: str = "paircurate"
+    # X-Robots-Tag directives that mark an image as opted out (img2dataset's defaults).
+    disallowed_header_directives: List[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    # SSRF protection: refuse private, loopback, link-local, ... addresses.
+    block_private_addresses: bool = True
+    # host:port pairs exempt from the address check (tests and the demo serve on loopback).
+    allowed_hosts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageConfig:
+    image_size: int = 256
+    # img2dataset resize modes: no | keep_ratio | keep_ratio_largest | center_crop | border
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_aspect_ratio: float = math.inf
+    # Images with more pixels than this are refused before decoding (decompression bombs).
+    max_image_pixels: int = 100_000_000
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    exact: bool = True
+    near: bool = True
+    # imagehash function: phash | dhash | ahash | whash
+    hash: str = "phash"
+    hash_size: int = 8
+    max_distance: int = 6
+    # Images whose information measure is below this take part in exact dedup only.
+    min_information: float = 0.0
+    # Ledgers of earlier runs (paths or globs); their ok samples always win.
+    history: List[str] = field(default_factory=list)
+    # Upper bound on pairwise comparisons inside one candidate bucket.
+    max_bucket_comparisons: int = 200_000
+
+
+@dataclass
+class ClipConfig:
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    # JSON model config for custom architectures (a path, or a file name in configs/models).
+    model_config: Optional[str] = None
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: str = "auto"
+    batch_size: int = 256
+    min_score: Optional[float] = None
+    keep_fraction: Optional[float] = None
+    save_embeddings: bool = False
+    # Threads that decode and resize images for the model (0: one per CPU core).
+    preprocess_threads: int = 0
+    # Where open_clip / Hugging Face weights are looked up (None: their default caches).
+    cache_dir: Optional[str] = None
+    # Serve one model per machine to all worker processes (Beam multi_process_shared).
+    share_model_across_processes: bool = False
+
+
+@dataclass
+class OutputConfig:
+    samples_per_shard: int = 10000
+    report: bool = True
+
+
+@dataclass
+class RunnerConfig:
+    runner: str = "DirectRunner"
+    # DirectRunner only: in_memory | multi_threading | multi_processing
+    direct_running_mode: str = "in_memory"
+    direct_num_workers: int = 1
+
+
+@dataclass
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint, converting where it is lossless."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin in (list, List, Sequence):
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("inf", ".inf"):
+            return math.inf
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(section_obj: Any, values: Mapping[str, Any], section: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    valid = [f.name for f in dataclasses.fields(section_obj)]
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key '{section}.{key}'; valid keys of '{section}': "
+                              + ", ".join(valid))
+        setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def merge(config: Config, data: Mapping[str, Any]) -> Config:
+    """Apply a nested mapping (as read from YAML) onto ``config``."""
+    sections = [f.name for f in dataclasses.fields(config)]
+    for section, values in (data or {}).items():
+        if section not in sections:
+            raise ConfigError(f"unknown section '{section}'; valid sections: " + ", ".join(sections))
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section '{section}' must be a mapping of keys to values")
+        _apply(getattr(config, section), values, section)
+    return config
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``section.key=value`` -> {section: {key: value}}; the value is parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return {section: {key: value}}
+
+
+def find_config_file(name: str) -> str:
+    """A config path as given, or a name in the shipped configs/ folder."""
+    if os.path.exists(name):
+        return name
+    for folder in CONFIG_DIRS:
+        for candidate in (name, name + ".yaml"):
+            path = os.path.join(folder, candidate)
+            if os.path.exists(path):
+                return path
+    raise ConfigError(f"config file not found: {name}")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (configs/local.yaml when none is given), then overrides."""
+    config = Config()
+    path = find_config_file(path or "local")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    merge(config, data)
+    for text in overrides:
+        merge(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if config.output.samples_per_shard < 1:
+        raise ConfigError("output.samples_per_shard must be at least 1")
+    if config.fetch.threads < 1:
+        raise ConfigError("fetch.threads must be at least 1")
+    if config.input.format not in ("auto", "parquet", "csv", "tsv", "jsonl", "txt"):
+        raise ConfigError("input.format must be one of auto, parquet, csv, tsv, jsonl, txt")
+    modes = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+    if config.image.resize_mode not in modes:
+        raise ConfigError("image.resize_mode must be one of " + ", ".join(modes))
+    if config.image.encode_format not in ("jpg", "png", "webp"):
+        raise ConfigError("image.encode_format must be one of jpg, png, webp")
+    if config.image.encode_format == "png" and not 0 <= config.image.encode_quality <= 9:
+        raise ConfigError("with image.encode_format png, image.encode_quality is the PNG "
+                          "compression level and must be 0-9")
+    if config.image.encode_format != "png" and not 0 <= config.image.encode_quality <= 100:
+        raise ConfigError("image.encode_quality must be 0-100")
+    clip = config.clip
+    if clip.min_score is not None and clip.keep_fraction is not None:
+        raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
+    if clip.keep_fraction is not None and not 0.0 < clip.keep_fraction <= 1.0:
+        raise ConfigError("clip.keep_fraction must be in (0, 1]")
+    if not 0 <= config.dedup.max_distance <= config.dedup.hash_size ** 2:
+        raise ConfigError("dedup.max_distance must be between 0 and the hash's bit count")

@@ -1,0 +1,87 @@
+"""Assembling the pipeline graph from the stages in paircurate.transforms."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from paircurate.config import Config
+from paircurate.schema import Status, is_live
+from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
+from paircurate.transforms.validate import ValidateAndFilter
+from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards
+
+
+@dataclass
+class OutputLayout:
+    """Where a run writes (DESIGN.md, Outputs)."""
+    root: str
+
+    @property
+    def shards(self) -> str:
+        return FileSystems.join(self.root, "shards")
+
+    @property
+    def metadata(self) -> str:
+        return FileSystems.join(self.root, "metadata")
+
+    @property
+    def work(self) -> str:
+        return FileSystems.join(self.root, "_work")
+
+    @property
+    def embeddings(self) -> str:
+        return FileSystems.join(self.root, "embeddings")
+
+    def file(self, name: str) -> str:
+        return FileSystems.join(self.root, name)
+
+
+@dataclass
+class InputPlan:
+    tasks: List[ReadTask]
+    carried: pa.Schema
+    has_captions: bool
+
+
+def plan_input(input_pattern: str, config: Config) -> InputPlan:
+    tasks = plan_reads(input_pattern, config.input)
+    carried = carried_columns(tasks, config.input)
+    has_captions = any(t.fmt != "txt" for t in tasks)
+    return InputPlan(tasks, carried, has_captions)
+
+
+def _drop_bytes(record: Dict[str, Any]) -> Dict[str, Any]:
+    record["raw"] = None
+    return record
+
+
+def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout) -> None:
+    """read -> validate -> prefilter -> fetch -> decode/resize -> dedup -> clip -> write."""
+    from paircurate.transforms.fetch import FetchImages
+    from paircurate.transforms.resize import DecodeAndResize
+
+    records = (pipeline
+               | "Read" >> ReadInput(plan.tasks, config.input, plan.carried)
+               | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions)
+               | "Fetch" >> FetchImages(config.fetch)
+               | "Decode" >> DecodeAndResize(config.image))
+    if config.dedup.enabled:
+        from paircurate.transforms.dedup import DeduplicateImages
+        records = records | "Dedup" >> DeduplicateImages(config.dedup)
+    records = records | "DropRaw" >> beam.Map(_drop_bytes)
+    if config.clip.enabled:
+        from paircurate.transforms.clip import ScoreAndFilter
+        records = records | "Clip" >> ScoreAndFilter(config.clip, layout.root)
+
+    kept, rejected = records | "SplitKept" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
+    carried_names = [f.name for f in plan.carried]
+    written, manifest = kept | "Shards" >> WriteShards(layout.shards, config.output.samples_per_shard,
+                                                       carried_names)
+    manifest | "Manifest" >> WriteManifest(FileSystems.join(layout.work, "manifest.json"))
+    ((written, rejected)
+     | "AllRecords" >> beam.Flatten()
+     | "Ledger" >> WriteLedger(layout.metadata, layout.work, plan.carried))

@@ -1,0 +1,142 @@
+"""Running the pipeline: output folder checks, runner options, finalisation (stats, manifest, _SUCCESS)."""
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from paircurate import __version__
+from paircurate.beam_util import LOCAL_RUNNERS, make_pipeline
+from paircurate.config import Config
+from paircurate.graph import OutputLayout, build, plan_input
+from paircurate.schema import STATUS_ORDER
+from paircurate.transforms.write import read_json, write_json
+
+_LOG = logging.getLogger(__name__)
+
+SUCCESS_MARKER = "_SUCCESS"
+#: What a run writes under its output folder; cleared before a (re)run.
+RUN_OUTPUTS = ("shards", "metadata", "embeddings", "_work", "stats.json", "manifest.json",
+               "report.html", SUCCESS_MARKER)
+
+
+class RunError(RuntimeError):
+    """The run cannot start or finish as asked; the message says why."""
+
+
+def is_finished(root: str) -> bool:
+    return FileSystems.exists(FileSystems.join(root, SUCCESS_MARKER))
+
+
+def prepare_output(root: str, overwrite: bool) -> None:
+    """Refuse a finished run unless overwriting; clear what an unfinished one left."""
+    if is_finished(root) and not overwrite:
+        raise RunError(f"{root} already holds a finished run; pass --overwrite to replace it")
+    stale = [FileSystems.join(root, name) for name in RUN_OUTPUTS]
+    stale = [path for path in stale if FileSystems.exists(path)]
+    if stale:
+        FileSystems.delete(stale)
+    if "://" not in root:
+        import os
+        os.makedirs(root, exist_ok=True)
+
+
+def beam_options(config: Config, extra_args: Sequence[str] = ()) -> PipelineOptions:
+    args: List[str] = []
+    if config.runner.runner in LOCAL_RUNNERS:
+        args += [f"--direct_running_mode={config.runner.direct_running_mode}",
+                 f"--direct_num_workers={config.runner.direct_num_workers}"]
+    args += list(extra_args)
+    return PipelineOptions(args)
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"paircurate": __version__, "python": platform.python_version()}
+    for name in ("apache-beam", "img2dataset", "open_clip_torch", "torch", "pyarrow", "imagehash"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: Config,
+                started: float, finished: float, rows_read: Optional[int]) -> Dict[str, Any]:
+    """stats.json: counts per status and error class, totals, timings and throughput."""
+    duration = max(finished - started, 1e-9)
+    by_status = {status: counts["by_status"].get(status, 0) for status in STATUS_ORDER}
+    stats: Dict[str, Any] = {
+        "rows_in": rows_read if rows_read is not None else counts["rows"],
+        "ledger_rows": counts["rows"],
+        "by_status": by_status,
+        "errors": counts["errors"],
+        "kept": by_status.get("ok", 0),
+        "shards": len(manifest),
+        "shard_bytes": sum(e["bytes"] for e in manifest),
+        "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
+        "duration_s": round(duration, 3),
+        "rows_per_s": round(counts["rows"] / duration, 2),
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+    if config.clip.enabled:
+        stats["clip_model"] = {"model": config.clip.model, "pretrained": config.clip.pretrained,
+                               "model_config": config.clip.model_config}
+    return stats
+
+
+def _rows_read(result) -> Optional[int]:
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        query = result.metrics().query(MetricsFilter().with_namespace("read").with_name("rows"))
+        return int(sum(c.committed or c.attempted or 0 for c in query["counters"]))
+    except Exception:  # some runners report no metrics
+        return None
+
+
+def run_pipeline(input_pattern: str, output_root: str, config: Config,
+                 extra_args: Sequence[str] = (), overwrite: bool = False) -> Dict[str, Any]:
+    """Run the whole job; return the stats written to stats.json."""
+    layout = OutputLayout(output_root)
+    plan = plan_input(input_pattern, config)  # fails early on missing or unreadable input
+    prepare_output(output_root, overwrite)
+    options = beam_options(config, extra_args)
+    started = time.time()
+    pipeline = make_pipeline(config.runner.runner, options)
+    build(pipeline, plan, config, layout)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
+    return finalise(layout, config, started, _rows_read(result))
+
+
+def finalise(layout: OutputLayout, config: Config, started: float,
+             rows_read: Optional[int]) -> Dict[str, Any]:
+    """Turn the pipeline's work files into stats.json and manifest.json, then mark success."""
+    counts = read_json(FileSystems.join(layout.work, "counts.json"))
+    manifest = read_json(FileSystems.join(layout.work, "manifest.json"))
+    stats = build_stats(counts, manifest, config, started, time.time(), rows_read)
+    if rows_read is not None and rows_read != counts["rows"]:
+        raise RunError(f"ledger has {counts['rows']} rows for {rows_read} input rows: "
+                       "records were lost; the output is not marked finished")
+    write_json(layout.file("manifest.json"), manifest)
+    write_json(layout.file("stats.json"), stats)
+    if config.output.report:
+        try:
+            from paircurate.report import write_report
+            write_report(layout.root)
+        except ImportError:
+            pass
+    FileSystems.delete([layout.work])
+    handle = FileSystems.create(layout.file(SUCCESS_MARKER))
+    handle.close()
+    return stats

@@ -1,0 +1,124 @@
+"""The ledger: one record type, one status enumeration, one pyarrow schema.
+
+Every stage passes the same record (a dict) along.  A stage that rejects a
+record sets a terminal ``status`` and a short ``error`` and passes it on; later
+stages let it through untouched.  So the ledger holds exactly one row per input
+row, and ``status == "ok"`` exactly for the samples in the shards.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import pyarrow as pa
+
+
+class Status(str, enum.Enum):
+    """Terminal fate of an input row.  Documented in README.md."""
+
+    OK = "ok"
+    INVALID_INPUT = "invalid_input"
+    CAPTION_FILTERED = "caption_filtered"
+    DUPLICATE_INPUT = "duplicate_input"
+    FETCH_FAILED = "fetch_failed"
+    DISALLOWED = "disallowed"
+    BLOCKED_ADDRESS = "blocked_address"
+    DECODE_FAILED = "decode_failed"
+    SIZE_FILTERED = "size_filtered"
+    DUPLICATE_EXACT = "duplicate_exact"
+    DUPLICATE_NEAR = "duplicate_near"
+    CLIP_FILTERED = "clip_filtered"
+
+    def __str__(self) -> str:  # so f-strings and JSON give the plain value
+        return self.value
+
+
+#: Order in which statuses arise along the pipeline (used by the funnel).
+STATUS_ORDER: List[str] = [s.value for s in Status if s is not Status.OK] + ["ok"]
+
+# Core ledger columns, in order.  Carried input columns follow these.
+LEDGER_FIELDS: List[pa.Field] = [
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("position", pa.int64()),
+    pa.field("http_status", pa.int32()),
+    pa.field("content_type", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("image_format", pa.string()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("phash", pa.string()),
+    pa.field("low_information", pa.bool_()),
+    pa.field("duplicate_of", pa.string()),
+    pa.field("clip_score", pa.float32()),
+]
+LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
+
+#: Transient fields that travel with a record between stages but never reach
+#: the ledger (image bytes stay out of the ledger by construction).
+TRANSIENT_FIELDS = ("image", "raw", "extra")
+
+#: Prefix given to input columns whose names clash with ledger columns.
+CLASH_PREFIX = "input_"
+
+
+def ledger_schema(carried: Optional[pa.Schema] = None) -> pa.Schema:
+    """The ledger schema: core columns, then the input's carried columns."""
+    fields = list(LEDGER_FIELDS)
+    if carried is not None:
+        fields.extend(carried)
+    return pa.schema(fields)
+
+
+def carried_name(name: str) -> str:
+    """Name under which an input column is carried into the ledger."""
+    return CLASH_PREFIX + name if name in LEDGER_COLUMNS or name in TRANSIENT_FIELDS else name
+
+
+def new_record(uid: str, url: Any, caption: Any, source: str, position: int,
+               extra: Mapping[str, Any]) -> Dict[str, Any]:
+    """A fresh record as the reader emits it (status ok until a stage says otherwise)."""
+    record: Dict[str, Any] = {name: None for name in LEDGER_COLUMNS}
+    record.update(uid=uid, url=url, caption=caption, status=Status.OK.value,
+                  source=source, position=position)
+    record["extra"] = dict(extra)
+    return record
+
+
+def is_live(record: Mapping[str, Any]) -> bool:
+    """True while no stage has given the record a terminal status."""
+    return record["status"] == Status.OK.value
+
+
+def mark(record: Dict[str, Any], status: Status, error: Optional[str] = None) -> Dict[str, Any]:
+    """Give a record its terminal status (and drop image bytes it no longer needs)."""
+    record["status"] = status.value
+    record["error"] = error
+    record["image"] = None
+    record["raw"] = None
+    return record
+
+
+def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str]) -> Dict[str, Any]:
+    """The ledger row of a record: core columns plus carried input columns."""
+    row = {name: record.get(name) for name in LEDGER_COLUMNS}
+    extra = record.get("extra") or {}
+    for name in carried_names:
+        row[name] = extra.get(name)
+    return row
+
+
+def error_class(error: Optional[str]) -> Optional[str]:
+    """The short class of an error string ``"class: detail"`` (``"http_404"``, ``"timeout"``, ...)."""
+    if not error:
+        return None
+    return error.split(":", 1)[0].strip()

@@ -1,0 +1,346 @@
+"""Image signatures and the pure near-duplicate machinery behind transforms/dedup.py.
+
+Signatures
+    * ``content_sha256``: sha256 of the *decoded pixels of the original* (mode
+      normalised to RGB/RGBA, size in the digest).  Not of the downloaded bytes
+      (a PNG saved at another compression level, or with other metadata, has
+      other bytes but the same picture) and not of the resized encoding (that
+      depends on image.* settings and on encoder versions, so it would stop
+      matching the ledgers of earlier runs as soon as image_size changed).
+    * ``perceptual_hash``: imagehash (pHash by default) of the original, as an
+      int; stored in the ledger as fixed-width hex (16 chars for 64 bits).
+    * ``information``: how much of the pHash is signal.  The median magnitude
+      of the 63 lowest-frequency AC coefficients of the orthonormal DCT of the
+      32x32 greyscale thumbnail pHash itself looks at, in grey levels.  Flat
+      images, sky and smooth gradients put their energy in a handful of
+      coefficients (a linear ramp: only the first row and column), so the
+      median is near zero and pHash's bits (coefficient > median) are decided
+      by noise and JPEG artefacts: such hashes collide across unrelated
+      images.  They take part in exact dedup only.  The default threshold
+      (DedupConfig.min_information) comes from benchmarks/near_duplicate_quality.py.
+
+Candidate pairs (exact recall, no all-pairs)
+    Two b-bit hashes within Hamming distance k, cut into m blocks, differ in at
+    most k blocks, so they agree exactly on at least m-k blocks (pigeonhole).
+    A *key* is one choice of t = m-k blocks: the hash masked to those blocks.
+    Every pair within k shares at least one of the C(m, t) keys, so grouping
+    by key and verifying inside each group finds all of them.  m = k+1 (t=1)
+    gives k+1 keys of ~b/(k+1) bits: 9-bit buckets at k=6, which at 10^9
+    images hold ~2M hashes each (10^12 comparisons per bucket).  Larger t
+    widens the key (b*t/m bits) at the cost of more keys per image:
+
+        k=6   t=2: 28 keys x 16 bits  -> ~15k per bucket at 1e9 (too hot)
+              t=3: 84 keys x 21 bits  -> ~400 per bucket, ~34k checks/image
+              t=4: 210 keys x 26 bits -> ~20 per bucket, but 2.5x the shuffle
+    The default (``default_blocks``) is t=3: buckets of a few hundred at a
+    billion uniformly spread hashes, 84 shuffle entries of 9 bytes per
+    distinct hash (batched, see dedup.py), and ~10^4 XOR+popcount per image,
+    which numpy does in microseconds.  ``blocks`` in the config overrides it.
+
+    Each pair is reported once, from the first key (in a fixed order) on
+    which the two hashes agree; other buckets that also see it drop it, so
+    no global distinct is needed.
+
+Hot buckets
+    Identical hashes are collapsed before this stage (one node per distinct
+    hash).  A bucket whose all-pairs count exceeds ``max_comparisons`` is
+    compared in a window instead: sorted by the full hash, each hash is
+    compared with the next ``max_comparisons // size`` hashes.  Pairs inside
+    such a bucket that are further apart in that order (and whose first
+    shared key is this bucket) are missed; ``BucketStats.skipped`` counts
+    the comparisons not made, so the recall loss is visible in metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+ImageLike = Union[bytes, bytearray, "Image.Image"]  # noqa: F821 (PIL imported lazily)
+
+#: Side of the greyscale thumbnail pHash (hash_size 8) and ``information`` look at.
+THUMB = 32
+
+
+# --------------------------------------------------------------------------- signatures
+
+def open_image(data: ImageLike):
+    """A decoded PIL image from bytes (or the image itself)."""
+    from PIL import Image
+
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(data)))
+        image.load()
+        return image
+    return data
+
+
+def _normalised(image):
+    """RGB, or RGBA where the image carries transparency (so L/P/RGB of equal pixels agree)."""
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    mode = "RGBA" if has_alpha else "RGB"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def content_sha256(data: ImageLike) -> str:
+    """sha256 (hex) of the decoded pixels: equal for byte-different encodings of one picture."""
+    image = _normalised(open_image(data))
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def _hash_function(name: str):
+    import imagehash
+
+    functions = {"phash": imagehash.phash, "dhash": imagehash.dhash,
+                 "ahash": imagehash.average_hash, "whash": imagehash.whash}
+    if name not in functions:
+        raise ValueError(f"unknown hash {name!r}; valid: " + ", ".join(functions))
+    return functions[name]
+
+
+def perceptual_hash(data: ImageLike, hash_name: str = "phash", hash_size: int = 8) -> int:
+    """The imagehash perceptual hash of an image as an int (bit i = flattened bit i, MSB first)."""
+    bits = _hash_function(hash_name)(open_image(data), hash_size=hash_size).hash.flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hash_hex(value: int, bits: int = 64) -> str:
+    """Fixed-width hex of a hash (16 chars for 64 bits)."""
+    return format(value, "0{}x".format((bits + 3) // 4))
+
+
+def hash_int(text: str) -> int:
+    return int(text, 16)
+
+
+def information(data: ImageLike) -> float:
+    """Median |low-frequency AC DCT coefficient| of the 32x32 grey thumbnail, in grey levels."""
+    from PIL import Image
+    from scipy.fft import dctn
+
+    thumb = open_image(data).convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS)
+    coefficients = dctn(np.asarray(thumb, dtype=np.float64), norm="ortho")[:8, :8].flatten()
+    return float(np.median(np.abs(coefficients[1:])))
+
+
+@dataclass(frozen=True)
+class Signature:
+    sha256: str
+    phash: int
+    information: float
+
+
+def signature(data: ImageLike, hash_name: str = "phash", hash_size: int = 8) -> Signature:
+    """Decode once, compute all three signatures."""
+    image = open_image(data)
+    return Signature(content_sha256(image), perceptual_hash(image, hash_name, hash_size),
+                     information(image))
+
+
+# --------------------------------------------------------------------------- representatives
+
+Rank = Tuple[int, int, str]
+
+
+def rank(uid: str, width: Optional[int], height: Optional[int], history: bool = False) -> Rank:
+    """Sort key of a candidate representative: smaller wins.
+
+    History samples first, then the largest original pixel count, then the
+    smallest uid: a total order, so every runner picks the same one.
+    """
+    pixels = (width or 0) * (height or 0)
+    return (0 if history else 1, -pixels, uid)
+
+
+def choose_representative(ranks: Iterable[Rank]) -> Rank:
+    return min(ranks)
+
+
+# --------------------------------------------------------------------------- candidate pairs
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def default_blocks(max_distance: int, bits: int = 64) -> int:
+    """m = k + 3 (three blocks per key, see the module docstring), capped at the bit count."""
+    return min(max_distance + 3, bits)
+
+
+def block_bounds(bits: int, blocks: int) -> List[Tuple[int, int]]:
+    """[start, stop) bit ranges of ``blocks`` near-equal blocks (bit 0 = least significant)."""
+    return [(bits * j // blocks, bits * (j + 1) // blocks) for j in range(blocks)]
+
+
+def key_masks(bits: int, blocks: int, max_distance: int) -> np.ndarray:
+    """One uint64 mask per key: the union of each choice of blocks - max_distance blocks."""
+    if bits > 64:
+        raise ValueError("near-duplicate search supports hashes of at most 64 bits")
+    if not max_distance < blocks <= bits:
+        raise ValueError(f"need max_distance < blocks <= bits, got k={max_distance}, "
+                         f"m={blocks}, bits={bits}")
+    block_masks = [((1 << (stop - start)) - 1) << start for start, stop in block_bounds(bits, blocks)]
+    masks = [sum(block_masks[j] for j in chosen)
+             for chosen in itertools.combinations(range(blocks), blocks - max_distance)]
+    return np.array(masks, dtype=np.uint64)
+
+
+def block_keys(value: int, masks: Sequence[int]) -> List[Tuple[int, int]]:
+    """(key index, hash masked to the key's blocks) for one hash: its buckets."""
+    return [(i, value & int(mask)) for i, mask in enumerate(masks)]
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def bucket_partition(key_index: np.ndarray, masked: np.ndarray, partitions: int) -> np.ndarray:
+    """Partition of each bucket (deterministic: a multiplicative hash of (key, value))."""
+    with np.errstate(over="ignore"):
+        mixed = (masked ^ (key_index.astype(np.uint64) * _MIX)) * _MIX
+    return ((mixed >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)
+
+
+def bucket_entries(hashes: np.ndarray, masks: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key index, hash, masked value) for every hash and key: len(hashes) * len(masks) entries."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    keys = np.repeat(np.arange(len(masks), dtype=np.uint8), len(hashes))
+    tiled = np.tile(hashes, len(masks))
+    return keys, tiled, tiled & masks[keys]
+
+
+@dataclass
+class BucketStats:
+    comparisons: int = 0
+    pairs: int = 0
+    overflowing: int = 0   # buckets over max_comparisons
+    skipped: int = 0       # comparisons not made in those buckets
+
+
+def bucket_pairs(key_index: np.ndarray, hashes: np.ndarray, masks: np.ndarray,
+                 max_distance: int, max_comparisons: Optional[int] = None
+                 ) -> Tuple[np.ndarray, BucketStats]:
+    """Pairs (a < b) within max_distance among entries (key index, distinct-per-key hash).
+
+    Entries are grouped by (key, masked hash); every pair in a group is
+    verified (or a window of it, in groups over max_comparisons).  A pair is
+    kept only in the first key on which it agrees, so that across all
+    partitions it is reported exactly once.
+    """
+    stats = BucketStats()
+    key_index = np.asarray(key_index, dtype=np.uint8)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if hashes.size < 2:
+        return np.empty((0, 2), dtype=np.uint64), stats
+    masked = hashes & masks[key_index]
+    order = np.lexsort((hashes, masked, key_index))
+    keys, values, hashes = key_index[order], masked[order], hashes[order]
+    n = hashes.size
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (keys[1:] != keys[:-1]) | (values[1:] != values[:-1])
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    sizes = np.diff(np.append(first, n))
+    position = np.arange(n) - first[group]
+    all_pairs = sizes * (sizes - 1) // 2
+    window = sizes - 1
+    if max_comparisons is not None:
+        hot = all_pairs > max_comparisons
+        if hot.any():
+            window = np.where(hot, np.maximum(1, max_comparisons // np.maximum(sizes, 1)), window)
+            stats.overflowing = int(hot.sum())
+    remaining = np.minimum(sizes[group] - 1 - position, window[group])
+    stats.comparisons = int(remaining.sum())
+    stats.skipped = int(all_pairs.sum()) - stats.comparisons
+
+    found_a, found_b, found_key = [], [], []
+    active = np.flatnonzero(remaining >= 1)
+    offset = 1
+    while active.size:
+        a, b = hashes[active], hashes[active + offset]
+        near = np.bitwise_count(a ^ b) <= max_distance
+        if near.any():
+            found_a.append(a[near])
+            found_b.append(b[near])
+            found_key.append(keys[active[near]])
+        offset += 1
+        active = active[remaining[active] >= offset]
+    if not found_a:
+        return np.empty((0, 2), dtype=np.uint64), stats
+    a, b, key = np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_key)
+    # Keep the pair only in the first key on which the two hashes agree.
+    diff = a ^ b
+    canonical = np.ones(a.size, dtype=bool)
+    for index in range(int(key.max())):
+        earlier = (key > index) & ((diff & masks[index]) == 0)
+        canonical &= ~earlier
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)[canonical]
+    stats.pairs = int(pairs.shape[0])
+    return pairs, stats
+
+
+def near_pairs(distinct: np.ndarray, max_distance: int, bits: int = 64,
+               blocks: Optional[int] = None, max_comparisons: Optional[int] = None
+               ) -> Tuple[np.ndarray, BucketStats]:
+    """All pairs (a < b) of *distinct* hash values within max_distance, in one process."""
+    masks = key_masks(bits, blocks or default_blocks(max_distance, bits), max_distance)
+    keys, tiled, _ = bucket_entries(distinct, masks)
+    return bucket_pairs(keys, tiled, masks, max_distance, max_comparisons)
+
+
+def candidate_pairs(hashes: Sequence[int], max_distance: int, bits: int = 64,
+                    blocks: Optional[int] = None, max_comparisons: Optional[int] = None
+                    ) -> List[Tuple[int, int]]:
+    """Index pairs (i < j) of ``hashes`` within max_distance (identical hashes collapsed first)."""
+    values = np.asarray([int(h) for h in hashes], dtype=np.uint64)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    members: Dict[int, List[int]] = {}
+    for index, slot in enumerate(inverse.tolist()):
+        members.setdefault(slot, []).append(index)
+    pairs = set()
+    for indices in members.values():  # identical hashes: distance 0
+        pairs.update(itertools.combinations(indices, 2))
+    value_pairs, _ = near_pairs(distinct, max_distance, bits, blocks, max_comparisons)
+    slot_of = {int(v): s for s, v in enumerate(distinct.tolist())}
+    for a, b in value_pairs.tolist():
+        for i in members[slot_of[a]]:
+            for j in members[slot_of[b]]:
+                pairs.add((min(i, j), max(i, j)))
+    return sorted(pairs)
+
+
+# --------------------------------------------------------------------------- clusters
+
+def connected_components(nodes: Iterable, edges: Iterable[Tuple]) -> Dict:
+    """node -> smallest node of its component (union-find; the in-memory reference)."""
+    parent = {node: node for node in nodes}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {node: find(node) for node in parent}
+
+
+def expected_bucket_size(items: float, bits: int, blocks: int, max_distance: int) -> float:
+    """Mean bucket size for uniformly spread hashes (for the sizing notes and benchmarks)."""
+    return items / 2 ** (bits * (blocks - max_distance) / blocks)
+
+
+def keys_per_hash(blocks: int, max_distance: int) -> int:
+    return math.comb(blocks, blocks - max_distance)

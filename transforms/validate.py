@@ -1,0 +1,79 @@
+"""Validation, the caption prefilter and exact URL+caption dedup of the input list."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Tuple
+
+import apache_beam as beam
+
+from paircurate.config import FilterConfig
+from paircurate.schema import Status, is_live, mark
+
+
+def validate(record: Dict[str, Any]) -> Dict[str, Any]:
+    """Missing or empty URL, non-string fields, unparsable rows -> invalid_input."""
+    if not is_live(record):
+        return record
+    problem = (record.get("extra") or {}).pop("__invalid__", None)
+    url, caption = record.get("url"), record.get("caption")
+    if problem:
+        return mark(record, Status.INVALID_INPUT, f"row: {problem}")
+    if url is None:
+        return mark(record, Status.INVALID_INPUT, "url: missing")
+    if not isinstance(url, str):
+        return mark(record, Status.INVALID_INPUT, f"url: not a string ({type(url).__name__})")
+    if not url.strip():
+        return mark(record, Status.INVALID_INPUT, "url: empty")
+    if caption is not None and not isinstance(caption, str):
+        return mark(record, Status.INVALID_INPUT, f"caption: not a string ({type(caption).__name__})")
+    record["url"] = url.strip()
+    return record
+
+
+def prefilter_caption(record: Dict[str, Any], config: FilterConfig,
+                      has_captions: bool = True) -> Dict[str, Any]:
+    """LAION's caption rule: too short (or too long) -> caption_filtered."""
+    if not is_live(record) or not has_captions:
+        return record
+    length = len((record.get("caption") or "").strip())
+    if length < config.min_caption_length:
+        return mark(record, Status.CAPTION_FILTERED, f"too_short: {length} < {config.min_caption_length}")
+    if length > config.max_caption_length:
+        return mark(record, Status.CAPTION_FILTERED, f"too_long: {length} > {config.max_caption_length}")
+    return record
+
+
+def input_key(record: Dict[str, Any]) -> Tuple[str, str]:
+    return record["url"], record.get("caption") or ""
+
+
+def keep_first(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Of records with the same URL and caption, keep the first by (source, position)."""
+    ordered = sorted(records, key=lambda r: (r["source"], r["position"], r["uid"]))
+    kept = ordered[0]
+    for other in ordered[1:]:
+        mark(other, Status.DUPLICATE_INPUT, "same_url_caption")
+        other["duplicate_of"] = kept["uid"]
+    return ordered
+
+
+class ValidateAndFilter(beam.PTransform):
+    """validate -> caption prefilter -> URL+caption dedup (a shuffle on the pair)."""
+
+    def __init__(self, config: FilterConfig, has_captions: bool = True):
+        super().__init__()
+        self._config = config
+        self._has_captions = has_captions
+
+    def expand(self, records):
+        config, has_captions = self._config, self._has_captions
+        checked = (records
+                   | "Validate" >> beam.Map(validate)
+                   | "Caption" >> beam.Map(prefilter_caption, config, has_captions))
+        if not config.dedup_input:
+            return checked
+        live, done = checked | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
+        deduped = (live
+                   | "KeyByPair" >> beam.Map(lambda r: (input_key(r), r))
+                   | "GroupPairs" >> beam.GroupByKey()
+                   | "KeepFirst" >> beam.FlatMap(lambda kv: keep_first(kv[1])))
+        return (deduped, done) | "Merge" >> beam.Flatten()

@@ -1,0 +1,265 @@
+"""Writers: sequentially numbered WebDataset shards, the Parquet ledger, run summaries.
+
+Shard numbering is a global step done with shuffles, not in one worker: the
+kept uids are spread over hash buckets, each bucket's count goes into a small
+side input, and a uid's global position is its bucket's offset plus its rank
+inside the bucket.  Only uids travel through that step; the records join their
+shard number by uid afterwards.  Tar members are sorted and carry fixed
+metadata, so identical input and responses give identical bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+
+from paircurate.schema import LEDGER_COLUMNS, Status, error_class, ledger_row
+
+#: Number of hash buckets used to rank kept samples (a bucket holds ~N/this uids).
+RANK_BUCKETS = 1024
+#: Fixed tar member metadata: 2000-01-01T00:00:00Z.
+TAR_MTIME = 946684800
+#: Ledger fields that go into each sample's {key}.json beside the carried columns.
+SAMPLE_JSON_FIELDS = ("uid", "key", "url", "caption", "width", "height", "original_width",
+                      "original_height", "sha256", "image_sha256", "phash", "clip_score",
+                      "source", "position")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def rank_bucket(uid: str) -> int:
+    """Bucket of a uid (uids are uniform hex, so the prefix spreads evenly)."""
+    return int(uid[:8], 16) % RANK_BUCKETS
+
+
+def bucket_offsets(counts: Mapping[int, int]) -> Dict[int, int]:
+    """Global position of each bucket's first sample (buckets in ascending order)."""
+    offsets, total = {}, 0
+    for bucket in sorted(counts):
+        offsets[bucket] = total
+        total += counts[bucket]
+    return offsets
+
+
+def assign_shards(bucket: int, uids: Iterable[str], offsets: Mapping[int, int],
+                  samples_per_shard: int) -> Iterator[Tuple[str, int]]:
+    """(uid, shard index) for the uids of one bucket, ranked by uid."""
+    base = offsets[bucket]
+    for rank, uid in enumerate(sorted(uids)):
+        yield uid, (base + rank) // samples_per_shard
+
+
+def sample_json(record: Mapping[str, Any], carried: Sequence[str]) -> bytes:
+    meta = {name: record.get(name) for name in SAMPLE_JSON_FIELDS}
+    extra = record.get("extra") or {}
+    for name in carried:
+        meta[name] = extra.get(name)
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+
+
+def sample_members(record: Mapping[str, Any], carried: Sequence[str]) -> List[Tuple[str, bytes]]:
+    """The tar members of one sample: image, caption, metadata."""
+    key = record["key"]
+    ext = record.get("image_format") or "jpg"
+    return [(f"{key}.{ext}", record["image"]),
+            (f"{key}.json", sample_json(record, carried)),
+            (f"{key}.txt", (record.get("caption") or "").encode("utf-8"))]
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes writes through while counting bytes and computing sha256."""
+
+    def __init__(self, target):
+        self._target = target
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self._target.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def write_tar(handle, members: Iterable[Tuple[str, bytes]]) -> Tuple[int, str]:
+    """Write members (in the given order) as a deterministic tar; return (bytes, sha256)."""
+    writer = _HashingWriter(handle)
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return writer.size, writer.sha256.hexdigest()
+
+
+def write_shard(shards_dir: str, index: int, records: Sequence[Dict[str, Any]],
+                carried: Sequence[str]) -> Dict[str, Any]:
+    """Write one shard (complete, then renamed into place); return its manifest entry."""
+    name = shard_name(index) + ".tar"
+    final = FileSystems.join(shards_dir, name)
+    temp = FileSystems.join(shards_dir, f".{name}.incomplete")
+    ordered = sorted(records, key=lambda r: r["key"])
+    members = [m for record in ordered for m in sample_members(record, carried)]
+    handle = FileSystems.create(temp)
+    try:
+        size, digest = write_tar(handle, members)
+    finally:
+        handle.close()
+    if FileSystems.exists(final):
+        FileSystems.delete([final])  # a retried bundle rewrites the same bytes
+    FileSystems.rename([temp], [final])
+    return {"name": name, "samples": len(ordered), "bytes": size, "sha256": digest}
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write JSON through Beam's FileSystems, complete-then-rename."""
+    temp = path + ".incomplete"
+    handle = FileSystems.create(temp)
+    try:
+        handle.write(json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    finally:
+        handle.close()
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temp], [path])
+
+
+def read_json(path: str) -> Any:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def count_key(row: Mapping[str, Any]) -> Tuple[str, str]:
+    return row["status"], error_class(row.get("error")) or ""
+
+
+def summarise_counts(pairs: Iterable[Tuple[Tuple[str, str], int]]) -> Dict[str, Any]:
+    """Per-status and per-(status, error class) counts from combined (key, n) pairs."""
+    by_status: Dict[str, int] = {}
+    errors: Dict[str, Dict[str, int]] = {}
+    total = 0
+    for (status, cls), n in pairs:
+        by_status[status] = by_status.get(status, 0) + n
+        total += n
+        if cls:
+            errors.setdefault(status, {})[cls] = errors.get(status, {}).get(cls, 0) + n
+    return {"rows": total, "by_status": dict(sorted(by_status.items())),
+            "errors": {s: dict(sorted(c.items())) for s, c in sorted(errors.items())}}
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, shards_dir: str, carried: Sequence[str]):
+        self._dir = shards_dir
+        self._carried = list(carried)
+
+    def process(self, element):
+        index, records = element
+        records = list(records)
+        entry = write_shard(self._dir, index, records, self._carried)
+        beam.metrics.Metrics.counter("write", "shards").inc()
+        yield beam.pvalue.TaggedOutput("manifest", entry)
+        for record in records:
+            record["image"] = None
+            yield record
+
+
+class WriteShards(beam.PTransform):
+    """Kept records -> shards on disk; returns (records with key/shard, manifest entries)."""
+
+    def __init__(self, shards_dir: str, samples_per_shard: int, carried: Sequence[str]):
+        super().__init__()
+        self._dir = shards_dir
+        self._per_shard = samples_per_shard
+        self._carried = list(carried)
+
+    def expand(self, kept):
+        per_shard = self._per_shard
+        uids = kept | "Uids" >> beam.Map(lambda r: r["uid"])
+        counts = (uids
+                  | "BucketOne" >> beam.Map(lambda u: (rank_bucket(u), 1))
+                  | "CountBuckets" >> beam.CombinePerKey(sum))
+        positions = (uids
+                     | "BucketUid" >> beam.Map(lambda u: (rank_bucket(u), u))
+                     | "GroupBuckets" >> beam.GroupByKey()
+                     | "Rank" >> beam.FlatMap(
+                         lambda kv, c: assign_shards(kv[0], kv[1], bucket_offsets(c), per_shard),
+                         c=beam.pvalue.AsDict(counts)))
+        by_uid = kept | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
+        by_shard = ({"record": by_uid, "shard": positions}
+                    | "JoinShard" >> beam.CoGroupByKey()
+                    | "ToShard" >> beam.FlatMap(_with_shard))
+        written = (by_shard
+                   | "GroupShards" >> beam.GroupByKey()
+                   | "WriteTar" >> beam.ParDo(_WriteShardFn(self._dir, self._carried))
+                   .with_outputs("manifest", main="records"))
+        return written.records, written.manifest
+
+
+def _with_shard(joined):
+    uid, groups = joined
+    (shard,) = groups["shard"]
+    for record in groups["record"]:
+        record["shard"] = shard_name(shard)
+        record["key"] = record["uid"]
+        yield shard, record
+
+
+def ledger_arrow_schema(carried_schema: pa.Schema) -> pa.Schema:
+    from paircurate.schema import ledger_schema
+
+    return ledger_schema(carried_schema)
+
+
+class WriteLedger(beam.PTransform):
+    """All records -> metadata/part-*.parquet (one row per input row) and counts.json."""
+
+    def __init__(self, metadata_dir: str, work_dir: str, carried_schema: pa.Schema):
+        super().__init__()
+        self._metadata_dir = metadata_dir
+        self._work_dir = work_dir
+        self._schema = ledger_arrow_schema(carried_schema)
+        self._carried = [f.name for f in carried_schema]
+
+    def expand(self, records):
+        carried = self._carried
+        rows = records | "LedgerRow" >> beam.Map(ledger_row, carried)
+        rows | "Parquet" >> beam.io.WriteToParquet(
+            FileSystems.join(self._metadata_dir, "part"), self._schema,
+            file_name_suffix=".parquet", row_group_buffer_size=16 * 1024 * 1024)
+        counts_path = FileSystems.join(self._work_dir, "counts.json")
+        return (rows
+                | "CountKey" >> beam.Map(lambda r: (count_key(r), 1))
+                | "Count" >> beam.CombinePerKey(sum)
+                | "AllCounts" >> beam.combiners.ToList()
+                | "WriteCounts" >> beam.Map(lambda pairs: write_json(counts_path, summarise_counts(pairs))))
+
+
+def write_manifest_entries(entries: Sequence[Mapping[str, Any]], path: str) -> None:
+    write_json(path, sorted(entries, key=lambda e: e["name"]))
+
+
+class WriteManifest(beam.PTransform):
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, entries):
+        path = self._path
+        return (entries
+                | "AllEntries" >> beam.combiners.ToList()
+                | "WriteManifest" >> beam.Map(write_manifest_entries, path))

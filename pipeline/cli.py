@@ -80,21 +80,37 @@ def cli(verbose: bool) -> None:
               help="Exempt HOST:PORT from the private-address block (e.g. a loopback test server); repeatable.")
 @click.option("--no-clip", is_flag=True, help="Skip CLIP scoring (same as --set clip.enabled=false).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished run in the output folder.")
+@click.option("--run-id", default=None, metavar="ID",
+              help="Nightly mode: write to OUTPUT/runs/ID, dedup against every earlier finished "
+                   "run under OUTPUT, and do nothing if ID already succeeded.")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def run(input_path: str, output: str, config_path: Optional[str], sets: Sequence[str],
         runner: Optional[str], allow_hosts: Sequence[str], no_clip: bool, overwrite: bool,
-        beam_args: Sequence[str]) -> None:
+        run_id: Optional[str], beam_args: Sequence[str]) -> None:
     """Run the curation pipeline on INPUT, writing shards and the ledger to OUTPUT.
 
     Arguments after `--` go to Beam untouched (e.g. -- --project=P --region=R).
     """
-    from paircurate.run import run_pipeline
+    from paircurate.run import run_dir, run_nightly, run_pipeline
 
     try:
         config = load_config(config_path, _overrides(sets, allow_hosts, no_clip, runner))
-        stats = run_pipeline(input_path, output, config, list(beam_args), overwrite=overwrite)
+        if run_id:
+            if overwrite:
+                raise click.UsageError("--run-id and --overwrite do not go together")
+            target = run_dir(output, run_id)
+            stats = run_nightly(input_path, output, run_id, config, list(beam_args))
+            if stats is None:
+                click.echo(f"run {run_id} already succeeded ({target}); nothing to do")
+                return
+            output = target
+        else:
+            stats = run_pipeline(input_path, output, config, list(beam_args), overwrite=overwrite)
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
+    if stats.get("dry_run"):
+        click.echo(f"dry run: the {config.runner.runner} job was built and not submitted")
+        return
     print_summary(stats, output)
 
 

@@ -98,8 +98,21 @@ class DedupConfig:
     min_information: float = 0.0
     # Ledgers of earlier runs (paths or globs); their ok samples always win.
     history: List[str] = field(default_factory=list)
-    # Upper bound on pairwise comparisons inside one candidate bucket.
+    # Upper bound on pairwise comparisons inside one candidate bucket; a bucket
+    # over it is compared in a window (see transforms/phash.py; metric dedup/bucket_overflows).
     max_bucket_comparisons: int = 200_000
+    # Pigeonhole blocks m per hash for candidate keys (0: max_distance + 3, i.e. keys of
+    # three blocks; see transforms/phash.py for the sizing at a billion images).
+    blocks: int = 0
+    # Shuffle partitions the candidate buckets are spread over (batches of buckets, so
+    # the shuffle carries numpy arrays, not one element per key).  Per partition in
+    # memory: items * keys / partitions entries of 9 bytes; raise it beyond ~1e9 items.
+    partitions: int = 4096
+    # Distinct hashes per worker batch when the bucket keys are computed.
+    key_batch: int = 65536
+    # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
+    # up to this are exact (metric dedup/unconverged_nodes counts the rest).
+    cluster_rounds: int = 8
 
 
 @dataclass
@@ -137,6 +150,9 @@ class RunnerConfig:
     # DirectRunner only: in_memory | multi_threading | multi_processing
     direct_running_mode: str = "in_memory"
     direct_num_workers: int = 1
+    # Beam pipeline options for the runner, as key: value (lists repeat the flag),
+    # e.g. project, region, temp_location, sdk_container_image, experiments.
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +185,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, where) for v in value]
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value

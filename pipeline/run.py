@@ -8,7 +8,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from paircurate import __version__
 from paircurate.beam_util import LOCAL_RUNNERS, make_pipeline
@@ -51,8 +51,20 @@ def beam_options(config: Config, extra_args: Sequence[str] = ()) -> PipelineOpti
     if config.runner.runner in LOCAL_RUNNERS:
         args += [f"--direct_running_mode={config.runner.direct_running_mode}",
                  f"--direct_num_workers={config.runner.direct_num_workers}"]
-    args += list(extra_args)
+    args += option_flags(config.runner.options)
+    args += list(extra_args)  # the command line has the last word
     return PipelineOptions(args)
+
+
+def option_flags(options: Dict[str, Any]) -> List[str]:
+    """{key: value} -> Beam flags; a list repeats the flag, true is a bare flag, null is skipped."""
+    flags: List[str] = []
+    for key, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is None or item is False:
+                continue
+            flags.append(f"--{key}" if item is True else f"--{key}={item}")
+    return flags
 
 
 def versions() -> Dict[str, str]:
@@ -107,12 +119,16 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     """Run the whole job; return the stats written to stats.json."""
     layout = OutputLayout(output_root)
     plan = plan_input(input_pattern, config)  # fails early on missing or unreadable input
-    prepare_output(output_root, overwrite)
     options = beam_options(config, extra_args)
+    dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run:
+        prepare_output(output_root, overwrite)
     started = time.time()
     pipeline = make_pipeline(config.runner.runner, options)
     build(pipeline, plan, config, layout)
     result = pipeline.run()
+    if dry_run:  # Dataflow's --dry_run builds the job and submits nothing
+        return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
     state = result.wait_until_finish()
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
@@ -140,3 +156,42 @@ def finalise(layout: OutputLayout, config: Config, started: float,
     handle = FileSystems.create(layout.file(SUCCESS_MARKER))
     handle.close()
     return stats
+
+
+# --- nightly incremental runs -------------------------------------------------
+
+_RUN_ID = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def run_dir(root: str, run_id: str) -> str:
+    """ROOT/runs/<run-id>: where one nightly run writes."""
+    if not _RUN_ID.match(run_id):
+        raise RunError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-' (e.g. 2026-11-26)")
+    return FileSystems.join(FileSystems.join(root, "runs"), run_id)
+
+
+def earlier_runs(root: str, run_id: str) -> List[str]:
+    """Finished runs under ROOT/runs whose id sorts before ``run_id`` (dates sort in time order)."""
+    pattern = FileSystems.join(FileSystems.join(root, "runs"), "*", SUCCESS_MARKER)
+    found = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
+    runs = sorted({path[: -len(SUCCESS_MARKER) - 1] for path in found})
+    return [path for path in runs if path.rstrip("/").rsplit("/", 1)[-1] < run_id]
+
+
+def history_globs(run_paths: Sequence[str]) -> List[str]:
+    return [FileSystems.join(FileSystems.join(path, "metadata"), "*.parquet") for path in run_paths]
+
+
+def run_nightly(input_pattern: str, root: str, run_id: str, config: Config,
+                extra_args: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+    """One incremental run: dedup against every earlier finished run under ROOT.
+
+    Returns None (and does nothing) when this run id already succeeded; a run
+    that failed half-way is started again from a clean folder.
+    """
+    target = run_dir(root, run_id)
+    if is_finished(target):
+        return None
+    earlier = earlier_runs(root, run_id)
+    config.dedup.history = list(config.dedup.history) + history_globs(earlier)
+    return run_pipeline(input_pattern, target, config, extra_args, overwrite=False)

@@ -22,7 +22,7 @@ _LOG = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS"
 #: What a run writes under its output folder; cleared before a (re)run.
 RUN_OUTPUTS = ("shards", "metadata", "embeddings", "_work", "stats.json", "manifest.json",
-               "report.html", SUCCESS_MARKER)
+               "report.html", "report.html.incomplete", SUCCESS_MARKER)
 
 
 class RunError(RuntimeError):
@@ -98,6 +98,11 @@ def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: 
         "config": config.to_dict(),
         "versions": versions(),
     }
+    # --- funnel (owned by paircurate.report): rows removed/remaining per stage, the same
+    # numbers report.html shows, so monitoring can read them from stats.json.
+    from paircurate.report import funnel
+    stats["funnel"] = funnel(by_status)
+    # --- end funnel
     if config.clip.enabled:
         stats["clip_model"] = {"model": config.clip.model, "pretrained": config.clip.pretrained,
                                "model_config": config.clip.model_config}
@@ -147,11 +152,14 @@ def finalise(layout: OutputLayout, config: Config, started: float,
     write_json(layout.file("manifest.json"), manifest)
     write_json(layout.file("stats.json"), stats)
     if config.output.report:
+        # The report is a view of the data, not the data: a failure to draw it
+        # is logged and does not fail a run whose shards and ledger are complete.
         try:
             from paircurate.report import write_report
             write_report(layout.root)
-        except ImportError:
-            pass
+        except Exception as exc:  # noqa: BLE001
+            _LOG.warning("report.html was not written: %s (rebuild it with `paircurate report %s`)",
+                         exc, layout.root)
     FileSystems.delete([layout.work])
     handle = FileSystems.create(layout.file(SUCCESS_MARKER))
     handle.close()

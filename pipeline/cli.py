@@ -155,6 +155,78 @@ def demo(output: str, images: int, no_clip: bool) -> None:
     click.echo(f"demo finished in {time.time() - started:.1f}s")
 
 
+# --- report and inspect (owned by paircurate.report) -------------------------------------
+
+@cli.command()
+@click.argument("output")
+def report(output: str) -> None:
+    """Rebuild OUTPUT/report.html from a finished run's ledger, shards and stats.json."""
+    from paircurate.report import ReportError, write_report
+
+    try:
+        path = write_report(output)
+    except (ReportError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report: {os.path.abspath(path) if '://' not in path else path}")
+
+
+@cli.command()
+@click.argument("output")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS[,STATUS...]",
+              help="Only rows with this status; repeatable or comma-separated.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Rows to print (0: all).")
+@click.option("--columns", default=None, metavar="COL[,COL...]",
+              help="Ledger columns to print [default: uid,url,caption,status,error,clip_score].")
+@click.option("--width", default=40, show_default=True, type=click.IntRange(min=4),
+              help="Longest cell; longer values are cut with an ellipsis.")
+def inspect(output: str, statuses: Sequence[str], limit: int, columns: Optional[str],
+            width: int) -> None:
+    """Print rows of OUTPUT's ledger as a table, e.g. --status clip_filtered --limit 20."""
+    from paircurate.report import INSPECT_COLUMNS, ReportError, format_table, inspect_rows, parse_statuses
+
+    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else list(INSPECT_COLUMNS)
+    try:
+        wanted = parse_statuses(statuses)
+        rows, matching = inspect_rows(output, wanted, names, limit)
+    except (ReportError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_table(rows, names, width))
+    where = f" with status {', '.join(wanted)}" if wanted else ""
+    click.echo(f"{len(rows)} of {matching} rows{where}")
+
+# --- end report and inspect
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--input", "input_glob", required=True,
+              help="WebDataset shards to rescore: a glob (or comma-separated globs) of .tar files.")
+@click.option("--output", required=True, help="Output folder for the new ledger (and kept shards).")
+@click.option("--config", "config_path", default=None, help="YAML config (default: configs/local.yaml).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config key; repeatable (e.g. clip.model=ViT-L-14, clip.keep_fraction=0.3).")
+@click.option("--runner", default=None, help="Beam runner.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in the output folder.")
+@click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
+def score(input_glob: str, output: str, config_path: Optional[str], sets: Sequence[str],
+          runner: Optional[str], overwrite: bool, beam_args: Sequence[str]) -> None:
+    """Rescore existing WebDataset shards with a CLIP model; write a new ledger.
+
+    Reads {key}.jpg|png|webp + .txt + .json samples (paircurate's or
+    img2dataset's), downloads nothing, and writes OUTPUT/metadata (status ok or
+    clip_filtered, with clip_score) and, when clip.min_score or
+    clip.keep_fraction is set, shards of the kept samples.
+    """
+    from paircurate.score import run_score
+
+    try:
+        config = load_config(config_path, _overrides(sets, (), False, runner))
+        stats = run_score(input_glob, output, config, overwrite=overwrite, extra_args=tuple(beam_args))
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    print_summary(stats, output)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="paircurate")
 

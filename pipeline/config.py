@@ -95,7 +95,7 @@ class DedupConfig:
     hash_size: int = 8
     max_distance: int = 6
     # Images whose information measure is below this take part in exact dedup only.
-    min_information: float = 0.0
+    min_information: float = 4.0
     # Ledgers of earlier runs (paths or globs); their ok samples always win.
     history: List[str] = field(default_factory=list)
     # Upper bound on pairwise comparisons inside one candidate bucket; a bucket

@@ -104,8 +104,8 @@ def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: 
     stats["funnel"] = funnel(by_status)
     # --- end funnel
     if config.clip.enabled:
-        stats["clip_model"] = {"model": config.clip.model, "pretrained": config.clip.pretrained,
-                               "model_config": config.clip.model_config}
+        from paircurate.transforms.clip import model_description
+        stats["clip_model"] = model_description(config.clip)
     return stats
 
 

@@ -1,0 +1,308 @@
+"""CLIP scoring throughput: the pipeline's scoring stage next to the model alone.
+
+Generates N 256px JPEGs with captions into WebDataset shards, then for each
+model (random weights, so nothing is downloaded) measures:
+
+* model only: encode_image + encode_text on ready tensors on the device
+  (batch --model-batch, fp16 autocast on CUDA), the ceiling;
+* where the time goes: JPEG decode, the model's PIL transform steps, caption
+  tokenization, host->device transfer of uint8 batches;
+* the scoring stage without Beam (LoadedClip.score over batches of --batch-size);
+* the scoring stage in Beam: shards read and scored by ScoreAndFilter on the
+  local runner (one process; threads only, so no fork after CUDA init).
+
+GPU:  python benchmarks/clip_throughput.py                  (50,000 pairs, ViT-B-32 and ViT-L-14)
+CPU smoke: python benchmarks/clip_throughput.py --n 512 --models paircurate-tiny --batch-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Sequence, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never look anything up
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+WORDS = ("a photo of the red blue green small large old new dog cat car house tree street city "
+         "beach mountain river people man woman child playing standing sitting near with under "
+         "over black white wooden metal glass bright dark sunny night morning vintage modern").split()
+
+
+def make_pair(i: int, size: int = 256) -> Tuple[bytes, str]:
+    """A distinct 256px JPEG (smooth random colour field plus noise) and a caption."""
+    rng = np.random.default_rng(i)
+    low = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    image = np.asarray(low.resize((size, size), Image.BILINEAR), dtype=np.int16)
+    image = np.clip(image + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+    words = random.Random(i).choices(WORDS, k=8 + i % 10)
+    return buf.getvalue(), " ".join(words)
+
+
+def write_shards(folder: str, n: int, per_shard: int = 10000, threads: int = 0) -> List[str]:
+    """WebDataset shards of n generated pairs (reused when already there)."""
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, f"done-{n}")
+    paths = [os.path.join(folder, f"{s:05d}.tar") for s in range((n + per_shard - 1) // per_shard)]
+    if os.path.exists(marker):
+        return paths
+    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        for s, path in enumerate(paths):
+            ids = range(s * per_shard, min(n, (s + 1) * per_shard))
+            with tarfile.open(path, "w") as tar:
+                for i, (jpeg, caption) in zip(ids, pool.map(make_pair, ids)):
+                    key = f"{i:09d}"
+                    meta = json.dumps({"key": key, "uid": f"{i:032x}"}).encode()
+                    for name, data in ((key + ".jpg", jpeg), (key + ".txt", caption.encode()),
+                                       (key + ".json", meta)):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    open(marker, "w").close()
+    return paths
+
+
+def read_pairs(paths: Sequence[str]) -> Tuple[List[bytes], List[str]]:
+    from paircurate.score import iter_samples
+
+    images, captions = [], []
+    for path in paths:
+        with open(path, "rb") as handle:
+            for _, members in iter_samples(handle):
+                images.append(members["jpg"])
+                captions.append(members["txt"].decode())
+    return images, captions
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def model_only(loaded, batch: int, seconds: float = 3.0) -> float:
+    """Pairs/s of encode_image + encode_text on device tensors (the ceiling for this model)."""
+    import torch
+    from contextlib import nullcontext
+
+    h, w = loaded.image_size
+    x = torch.randn(batch, 3, h, w, device=loaded.device)
+    tokens = loaded.tokenizer(["a photo of a dog playing near the river"] * batch).to(loaded.device)
+    cast = (torch.autocast(loaded.device.split(":")[0], dtype=loaded.autocast)
+            if loaded.autocast is not None else nullcontext())
+
+    def step():
+        with torch.inference_mode(), cast:
+            a = loaded.model.encode_image(x)
+            b = loaded.model.encode_text(tokens)
+        return a, b
+
+    step()
+    sync(loaded.device)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        step()
+        done += batch
+    sync(loaded.device)
+    return rate(done, time.perf_counter() - started)
+
+
+def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> Dict[str, float]:
+    """Per-part rates on a sample: decode, the transform's PIL steps, tokenize, transfer."""
+    import torch
+
+    sample = images[: max(batch, min(len(images), 4 * batch))]
+    pool = loaded.pool
+    figures: Dict[str, float] = {}
+
+    def decode(data):
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+
+    started = time.perf_counter()
+    list(pool.map(decode, sample))
+    figures["decode_images_per_s"] = rate(len(sample), time.perf_counter() - started)
+
+    h, w = loaded.image_size
+    out = np.empty((len(sample), h, w, 3), np.uint8) if loaded.pil_steps is not None else \
+        np.empty((len(sample), 3, h, w), np.float32)
+    started = time.perf_counter()
+    list(pool.map(lambda i: loaded._prepare_into(out, i, sample[i]), range(len(sample))))
+    figures["decode_transform_images_per_s"] = rate(len(sample), time.perf_counter() - started)
+
+    texts = captions[: len(sample)]
+    started = time.perf_counter()
+    loaded.tokenizer(texts)
+    figures["tokenize_captions_per_s"] = rate(len(texts), time.perf_counter() - started)
+
+    if loaded.device.startswith("cuda"):
+        host = torch.from_numpy(out[:batch]).pin_memory()
+        host.to(loaded.device, non_blocking=True)
+        sync(loaded.device)
+        reps, started = 10, time.perf_counter()
+        for _ in range(reps):
+            host.to(loaded.device, non_blocking=True)
+        sync(loaded.device)
+        seconds = time.perf_counter() - started
+        figures["transfer_pairs_per_s"] = rate(reps * len(host), seconds)
+        figures["transfer_gb_per_s"] = reps * host.numel() * host.element_size() / seconds / 1e9
+    return figures
+
+
+def stage_without_beam(loaded, images, captions, batch: int) -> Dict[str, float]:
+    loaded.score(images[:batch], captions[:batch])  # warm-up (allocator, kernels)
+    parts: Dict[str, float] = {}
+    started = time.perf_counter()
+    for start in range(0, len(images), batch):
+        result = loaded.score(images[start:start + batch], captions[start:start + batch], timed=True)
+        for name, value in result.timings.items():
+            parts[name] = parts.get(name, 0.0) + value
+    total = time.perf_counter() - started
+    return {"pairs_per_s": rate(len(images), total), "seconds": total,
+            **{f"time_{k}_s": round(v, 3) for k, v in parts.items()}}
+
+
+def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[str, float]:
+    """Read the shards and score them with ScoreAndFilter (no filter) on the local runner.
+
+    workers > 1 runs bundles on that many threads of this process (they share one model).
+    """
+    import apache_beam as beam
+
+    from paircurate.beam_util import make_pipeline
+    from paircurate.score import _ReadShard
+    from paircurate.transforms.clip import ScoreAndFilter
+
+    started = time.perf_counter()
+    options = ([f"--direct_running_mode=multi_threading", f"--direct_num_workers={workers}"]
+               if workers > 1 else [])
+    pipeline = make_pipeline("DirectRunner", options)
+    (pipeline
+     | beam.Create(list(paths))
+     | beam.ParDo(_ReadShard())
+     | ScoreAndFilter(clip_config, None)
+     | beam.Map(lambda r: 1 if r.get("clip_score") is not None else 0)
+     | beam.CombineGlobally(sum)
+     | beam.Map(lambda n: print(f"    beam: {n} pairs scored", flush=True)))
+    pipeline.run().wait_until_finish()
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds}
+
+
+def clip_config_for(model: str, args) -> Any:
+    from paircurate.config import ClipConfig
+    from paircurate.transforms.clip_model import find_model_config, ClipModelError
+
+    try:
+        find_model_config(model)
+        custom = True
+    except ClipModelError:
+        custom = os.path.isfile(model)
+    values = dict(pretrained="none", device=args.device, batch_size=args.batch_size,
+                  preprocess_threads=args.threads, precision=args.precision)
+    return ClipConfig(model_config=model, **values) if custom else ClipConfig(model=model, **values)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=50000, help="pairs to score")
+    parser.add_argument("--models", default="ViT-B-32,ViT-L-14",
+                        help="comma-separated open_clip names or configs/models names")
+    parser.add_argument("--batch-size", type=int, default=1024, help="pairs per scoring call")
+    parser.add_argument("--model-batch", type=int, default=1024, help="batch of the model-only measurement")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="preprocess threads (0: one per core)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "paircurate-clip-bench"))
+    parser.add_argument("--skip-beam", action="store_true", help="skip the Beam end-to-end run")
+    parser.add_argument("--beam-workers", type=int, default=1,
+                        help="local runner bundle threads (they share the model; threads, never processes)")
+    parser.add_argument("--check", type=int, default=64,
+                        help="on CUDA: compare this many pairs' scores with CPU fp32 (0: skip)")
+    parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from paircurate.transforms.clip_model import load_clip
+
+    started = time.perf_counter()
+    paths = write_shards(os.path.join(args.workdir, f"shards-{args.n}"), args.n)
+    print(f"data: {args.n} pairs of 256px JPEG + caption in {len(paths)} shards "
+          f"({time.perf_counter() - started:.1f}s to make or find)", flush=True)
+    import paircurate.score  # noqa: F401  (Beam's import time is not read time)
+    started = time.perf_counter()
+    images, captions = read_pairs(paths)
+    print(f"read shards: {rate(len(images), time.perf_counter() - started):,.0f} pairs/s "
+          f"({sum(map(len, images)) / len(images) / 1024:.1f} KiB/image)", flush=True)
+    print(f"host: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
+
+    report: Dict[str, Any] = {"n": args.n, "batch_size": args.batch_size, "models": {}}
+    for model in [m for m in args.models.split(",") if m]:
+        config = clip_config_for(model, args)
+        loaded = load_clip(config)
+        dtype = {None: "fp32"}.get(loaded.autocast, str(loaded.autocast).replace("torch.", ""))
+        print(f"\n{model} (random weights) on {loaded.device}, {dtype}, image {loaded.image_size}, "
+              f"batch {args.batch_size}, {loaded.threads} preprocess threads, "
+              f"load {loaded.load_seconds:.1f}s", flush=True)
+        figures: Dict[str, Any] = {"device": loaded.device, "precision": dtype}
+        figures["model_only_pairs_per_s"] = model_only(loaded, args.model_batch)
+        print(f"  model only (batch {args.model_batch:<5})          : "
+              f"{figures['model_only_pairs_per_s']:>10,.0f} pairs/s", flush=True)
+        figures.update(breakdown(loaded, images, captions, args.batch_size))
+        print(f"  decode only (PIL, threads)          : {figures['decode_images_per_s']:>10,.0f} images/s")
+        print(f"  decode + model transform PIL steps  : {figures['decode_transform_images_per_s']:>10,.0f} images/s")
+        print(f"  tokenize (one thread, GIL-bound)    : {figures['tokenize_captions_per_s']:>10,.0f} captions/s")
+        if "transfer_pairs_per_s" in figures:
+            print(f"  host->device uint8 (pinned)         : {figures['transfer_pairs_per_s']:>10,.0f} pairs/s "
+                  f"({figures['transfer_gb_per_s']:.1f} GB/s)")
+        direct = stage_without_beam(loaded, images, captions, args.batch_size)
+        figures["stage_no_beam"] = direct
+        parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
+        print(f"  scoring stage, no Beam              : {direct['pairs_per_s']:>10,.0f} pairs/s "
+              f"({direct['seconds']:.1f}s; {parts})", flush=True)
+        if args.check and loaded.device.startswith("cuda"):
+            import dataclasses
+            cpu = load_clip(dataclasses.replace(config, device="cpu", precision="fp32"))
+            k = min(args.check, len(images))
+            diff = np.abs(cpu.score(images[:k], captions[:k]).scores
+                          - loaded.score(images[:k], captions[:k]).scores)
+            figures["max_abs_diff_vs_cpu_fp32"] = float(diff.max())
+            print(f"  scores vs CPU fp32 ({k} pairs)       : max |diff| {diff.max():.2e}")
+            cpu.close()
+        loaded.close()
+        del loaded
+        if not args.skip_beam:
+            beam_figures = stage_in_beam(config, paths, args.beam_workers)
+            beam_figures["pairs_per_s"] = rate(args.n, beam_figures["seconds"])
+            figures["stage_beam"] = beam_figures
+            print(f"  scoring stage in Beam (read+score)  : {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
+                  f"({beam_figures['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        report["models"][model] = figures
+    print("\nJSON " + json.dumps(report, default=float))
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(report, handle, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

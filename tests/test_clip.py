@@ -1,0 +1,382 @@
+"""CLIP scoring and filtering: parity with open_clip, filters, embeddings, offline failure, rescoring."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import pickle
+import random
+import tarfile
+import tempfile
+import time
+import uuid
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import open_clip  # noqa: E402
+
+from paircurate.beam_util import test_pipeline  # noqa: E402
+from paircurate.config import ClipConfig, load_config  # noqa: E402
+from paircurate.demo import encode, synthetic_image  # noqa: E402
+from paircurate.schema import Status, new_record  # noqa: E402
+from paircurate.transforms import clip as clip_stage  # noqa: E402
+from paircurate.transforms import clip_model  # noqa: E402
+from paircurate.transforms.clip import (ClipModelError, ScoreAndFilter, kept_count,  # noqa: E402
+                                        top_fraction_threshold)
+
+TINY = "paircurate-tiny"
+
+
+def _dump(record, folder):
+    """Collect a pipeline output (the runner may run DoFns on pickled copies of this module)."""
+    with open(os.path.join(folder, uuid.uuid4().hex), "wb") as handle:
+        pickle.dump(record, handle)
+
+
+def tiny_config(**changes) -> ClipConfig:
+    values = dict(model_config=TINY, pretrained="none", device="cpu", batch_size=5, preprocess_threads=2)
+    values.update(changes)
+    return ClipConfig(**values)
+
+
+def make_records(n, seed=0, caption_none=(), dead=()):
+    """n live records with 256x256 JPEGs and captions; some without caption, some already rejected."""
+    records = []
+    for i in range(n):
+        image, caption = synthetic_image(seed * 1000 + i, size=(256, 256))
+        uid = f"{i:08x}" + "0" * 24
+        record = new_record(uid, f"http://example.invalid/{i}.jpg", caption, "input.parquet", i, {})
+        record["image"] = encode(image)
+        if i in caption_none:
+            record["caption"] = None
+        if i in dead:
+            record.update(status=Status.DUPLICATE_EXACT.value, error="duplicate_exact", image=None)
+        records.append(record)
+    return records
+
+
+def run_stage(records, config, output_dir=None):
+    """Run ScoreAndFilter over records (shuffled) on the local runner; return the output records by uid."""
+    shuffled = list(records)
+    random.Random(7).shuffle(shuffled)
+    stage = ScoreAndFilter(config, output_dir)
+    with tempfile.TemporaryDirectory() as folder:
+        with test_pipeline() as p:
+            (p | beam.Create(shuffled, reshuffle=False) | stage
+             | beam.Map(_dump, folder))
+        out = []
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), "rb") as handle:
+                out.append(pickle.load(handle))
+    assert len(out) == len(records)
+    return {r["uid"]: r for r in out}
+
+
+def reference_scores(records):
+    """open_clip's own computation: preprocess_val, encode_image/encode_text, normalised dot product."""
+    open_clip.add_model_config(clip_model.find_model_config(TINY))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=None)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(TINY)
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(io.BytesIO(r["image"]))) for r in records])
+        image_features = model.encode_image(images)
+        text_features = model.encode_text(tokenizer([r["caption"] for r in records]))
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    scores = (image_features * text_features).sum(-1).numpy()
+    return {r["uid"]: float(s) for r, s in zip(records, scores)}
+
+
+@pytest.fixture(scope="module")
+def scored_once():
+    """37 pairs (+2 without caption, +2 already rejected) through the stage with no filter."""
+    records = make_records(41, caption_none=(3, 17), dead=(5, 30))
+    out = run_stage(records, tiny_config())
+    return records, out
+
+
+# --- parity and contract ---------------------------------------------------
+
+
+def test_scores_match_open_clip_across_shuffled_batches(scored_once):
+    records, out = scored_once
+    live = [r for r in records if r["status"] == "ok" and r["caption"] is not None]
+    expected = reference_scores(live)
+    assert len(expected) == 37
+    diffs = [abs(out[uid]["clip_score"] - score) for uid, score in expected.items()]
+    assert max(diffs) < 1e-4
+    # Scores differ from pair to pair, so a key mix-up could not hide in equal values.
+    assert len({round(s, 4) for s in expected.values()}) > 30
+    assert all(out[uid]["status"] == "ok" for uid in expected)
+
+
+def test_unscorable_records_pass_untouched(scored_once):
+    records, out = scored_once
+    for i in (3, 17):  # live without caption: nothing to score, not filtered
+        record = out[records[i]["uid"]]
+        assert record["status"] == "ok" and record["clip_score"] is None and record["image"]
+    for i in (5, 30):
+        record = out[records[i]["uid"]]
+        assert record["status"] == "duplicate_exact" and record["clip_score"] is None
+
+
+def test_disabled_stage_is_identity():
+    records = make_records(4)
+    out = run_stage(records, tiny_config(enabled=False))
+    assert all(r["clip_score"] is None and r["status"] == "ok" for r in out.values())
+
+
+# --- filters ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.25, 0.3, 0.5, 0.999, 1.0])
+def test_top_fraction_threshold_is_exact(fraction):
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(0.25, 0.08, 997), [-0.5, 0.0, -0.0]]).astype(np.float32)
+    k = kept_count(len(scores), fraction)
+    threshold = top_fraction_threshold([float(s) for s in scores], fraction)
+    assert threshold == float(np.sort(scores)[::-1][k - 1])
+    assert int((scores >= threshold).sum()) == k  # no ties among these scores
+
+
+def test_top_fraction_keeps_ties_and_counts_decimally():
+    assert kept_count(10, 0.3) == 3  # not ceil(3.0000000000000004) == 4
+    assert kept_count(7, 0.5) == 4
+    scores = [0.1, 0.2, 0.3, 0.3, 0.3, 0.5]
+    threshold = top_fraction_threshold(scores, 0.5)  # k = 3: the 3rd largest is 0.3, tied 3 times
+    assert threshold == pytest.approx(0.3)
+    assert sum(s >= threshold for s in np.float32(scores)) == 4  # ties kept: never fewer than k
+    assert top_fraction_threshold([], 0.5) is None
+    assert top_fraction_threshold([-0.25, -0.75], 0.5) == -0.25
+
+
+def test_min_score_filters_below_threshold(scored_once):
+    records, unfiltered = scored_once
+    scores = sorted(r["clip_score"] for r in unfiltered.values() if r["clip_score"] is not None)
+    threshold = scores[len(scores) // 2]
+    out = run_stage(records, tiny_config(min_score=threshold, batch_size=8))
+    filtered = 0
+    for uid, record in out.items():
+        score = unfiltered[uid]["clip_score"]
+        if score is None:
+            assert record["status"] == unfiltered[uid]["status"]
+            continue
+        assert record["clip_score"] == pytest.approx(score, abs=1e-6)
+        if score < threshold:
+            filtered += 1
+            assert record["status"] == "clip_filtered"
+            assert record["error"].startswith("clip_score: ") and record["image"] is None
+        else:
+            assert record["status"] == "ok" and record["image"]
+    assert filtered == len(scores) // 2
+
+
+def test_keep_fraction_keeps_top_of_run(scored_once):
+    records, unfiltered = scored_once
+    out = run_stage(records, tiny_config(keep_fraction=0.25, batch_size=7))
+    scored = {uid: r for uid, r in out.items() if r["clip_score"] is not None}
+    assert len(scored) == 37
+    kept = {uid for uid, r in scored.items() if r["status"] == "ok"}
+    assert len(kept) == math.ceil(0.25 * 37)
+    top = sorted(scored, key=lambda uid: scored[uid]["clip_score"], reverse=True)[:len(kept)]
+    assert kept == set(top)
+    assert all(r["status"] == "clip_filtered" for uid, r in scored.items() if uid not in kept)
+
+
+# --- embeddings ---------------------------------------------------------------
+
+
+def test_embeddings_are_aligned_to_uids(tmp_path):
+    records = make_records(23, seed=3)
+    out = run_stage(records, tiny_config(save_embeddings=True, batch_size=4), str(tmp_path))
+    files = sorted(glob.glob(str(tmp_path / "embeddings" / "part-*.parquet")))
+    assert files and not glob.glob(str(tmp_path / "embeddings" / ".temp*"))
+    table = pq.read_table(files).to_pydict() if len(files) == 1 else None
+    if table is None:
+        import pyarrow as pa
+        table = pa.concat_tables([pq.read_table(f) for f in files]).to_pydict()
+    assert sorted(table["uid"]) == sorted(out)
+    for uid, image, text in zip(table["uid"], table["image_embedding"], table["text_embedding"]):
+        image, text = np.asarray(image, np.float32), np.asarray(text, np.float32)
+        assert len(image) == 64
+        assert float(image @ text) == pytest.approx(out[uid]["clip_score"], abs=5e-3)
+    schema = pq.read_schema(files[0])
+    kind = schema.field("image_embedding").type
+    assert kind.list_size == 64 and str(kind.value_type) == "halffloat"
+
+
+# --- model loading ----------------------------------------------------------
+
+
+def test_missing_weights_offline_fail_fast_with_advice(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = ClipConfig(cache_dir=str(tmp_path / "empty-cache"))  # default ViT-B-32 / laion2b tag
+    started = time.monotonic()
+    with pytest.raises(ClipModelError) as info:
+        ScoreAndFilter(config, str(tmp_path))
+    assert time.monotonic() - started < 20
+    message = str(info.value)
+    assert "ViT-B-32/laion2b_s34b_b79k" in message
+    assert "clip.pretrained=/path/to" in message and "pretrained=none" in message
+
+
+def test_unreachable_hub_switches_process_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probed = []
+    assert clip_model.can_download("huggingface.co", probe=lambda host: probed.append(host) or False) is False
+    assert probed == ["huggingface.co"] and os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE
+    # Offline now: no second probe.
+    assert clip_model.can_download("huggingface.co", probe=lambda host: probed.append(host) or True) is False
+    assert probed == ["huggingface.co"]
+
+
+def test_probe_of_closed_loopback_port_is_quick():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        started = time.monotonic()
+        assert clip_model.reachable("127.0.0.1", port, timeout=2.0) is False
+    assert time.monotonic() - started < 3
+
+
+def test_unknown_tag_and_unknown_model_are_clear():
+    with pytest.raises(ClipModelError, match="neither a known tag"):
+        clip_model.resolve_model(tiny_config(pretrained="laion2b_s34b_b79k"))
+    with pytest.raises(ClipModelError, match="not an open_clip architecture"):
+        clip_model.resolve_model(ClipConfig(model="ViT-Nope", pretrained="none"))
+    with pytest.raises(ClipModelError, match="not a shipped model config"):
+        clip_model.resolve_model(ClipConfig(model_config="no-such-config", pretrained="none"))
+
+
+def test_local_checkpoint_is_loaded(tmp_path):
+    open_clip.add_model_config(clip_model.find_model_config(TINY))
+    torch.manual_seed(123)
+    model = open_clip.create_model(TINY, pretrained=None)
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    loaded = clip_model.load_clip(tiny_config(pretrained=str(path)))
+    assert loaded.resolved.source == "file"
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    # Random weights are seeded: two loads agree.
+    a = clip_model.load_clip(tiny_config()).model.state_dict()
+    b = clip_model.load_clip(tiny_config()).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_undecodable_image_is_marked_not_scored():
+    records = make_records(6, seed=5)
+    records[2]["image"] = b"\xff\xd8\xff not really a jpeg"
+    out = run_stage(records, tiny_config(batch_size=3))
+    bad = out[records[2]["uid"]]
+    assert bad["status"] == "decode_failed" and bad["error"].startswith("not_image: clip:")
+    assert bad["clip_score"] is None
+    assert all(out[r["uid"]]["clip_score"] is not None for i, r in enumerate(records) if i != 2)
+
+
+def test_model_description_names_model_and_tag():
+    desc = clip_stage.model_description(ClipConfig())
+    assert desc["model"] == "ViT-B-32" and desc["pretrained"] == "laion2b_s34b_b79k"
+    desc = clip_stage.model_description(tiny_config(keep_fraction=0.3))
+    assert desc["model"] == TINY and desc["pretrained"] == "none" and desc["filter"] == "keep_fraction"
+
+
+# --- paircurate score -------------------------------------------------------
+
+
+def write_webdataset(path, n, with_uid=lambda i: i % 2 == 0):
+    """A tar like img2dataset's: {key}.jpg, {key}.txt, {key}.json; returns [(key, uid or None, caption)]."""
+    samples = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            image, caption = synthetic_image(500 + i, size=(256, 256))
+            key = f"{i:09d}"
+            meta = {"key": key, "url": f"http://example.invalid/{i}.jpg", "width": 256, "height": 256,
+                    "status": "success"}
+            uid = None
+            if with_uid(i):
+                uid = f"{i:032x}"
+                meta["uid"] = uid
+            for name, data in ((f"{key}.jpg", encode(image)), (f"{key}.txt", caption.encode()),
+                               (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            samples.append((key, uid, caption))
+    return samples
+
+
+def test_run_score_rescores_webdataset(tmp_path):
+    from paircurate.score import derived_uid, run_score
+
+    os.makedirs(tmp_path / "in")
+    samples = write_webdataset(tmp_path / "in" / "00000.tar", 12)
+    config = load_config(None, [f"clip.model_config={TINY}", "clip.pretrained=none", "clip.device=cpu",
+                                "clip.batch_size=4", "clip.keep_fraction=0.5", "output.report=false"])
+    out = tmp_path / "out"
+    stats = run_score(str(tmp_path / "in" / "*.tar"), str(out), config)
+    ledger = pq.read_table(sorted(glob.glob(str(out / "metadata" / "*.parquet")))).to_pylist()
+    assert len(ledger) == 12 and stats["ledger_rows"] == 12
+    expected_uids = {uid or derived_uid(key) for key, uid, _ in samples}
+    assert {row["uid"] for row in ledger} == expected_uids
+    assert sum(row["status"] == "ok" for row in ledger) == 6
+    assert sum(row["status"] == "clip_filtered" for row in ledger) == 6
+    assert all(row["clip_score"] is not None for row in ledger)
+    captions = {uid or derived_uid(key): caption for key, uid, caption in samples}
+    assert all(row["caption"] == captions[row["uid"]] for row in ledger)
+    kept = {row["uid"] for row in ledger if row["status"] == "ok"}
+    assert min(r["clip_score"] for r in ledger if r["uid"] in kept) >= \
+        max(r["clip_score"] for r in ledger if r["uid"] not in kept)
+    with tarfile.open(out / "shards" / "00000.tar") as tar:
+        names = tar.getnames()
+    assert sorted({n.split(".")[0] for n in names}) == sorted(kept)
+    assert stats["clip_model"]["model"] == TINY and stats["clip_threshold"] is not None
+    assert os.path.exists(out / "_SUCCESS") and os.path.exists(out / "stats.json")
+
+
+def test_model_shared_across_processes_scores_the_same(scored_once):
+    records, unfiltered = scored_once
+    out = run_stage(records[:12], tiny_config(share_model_across_processes=True))
+    for uid, record in out.items():
+        expected = unfiltered[uid]["clip_score"]
+        if expected is None:
+            assert record["clip_score"] is None
+        else:
+            assert record["clip_score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_score_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from paircurate.cli import cli
+
+    os.makedirs(tmp_path / "in")
+    write_webdataset(tmp_path / "in" / "a.tar", 5)
+    result = CliRunner().invoke(cli, ["score", "--input", str(tmp_path / "in" / "*.tar"),
+                                      "--output", str(tmp_path / "out"),
+                                      "--set", f"clip.model_config={TINY}", "--set", "clip.pretrained=none",
+                                      "--set", "clip.device=cpu", "--set", "output.report=false"])
+    assert result.exit_code == 0, result.output
+    ledger = pq.read_table(str(tmp_path / "out" / "metadata")).to_pylist()
+    assert len(ledger) == 5 and all(r["status"] == "ok" and r["clip_score"] is not None for r in ledger)
+    assert not os.path.exists(tmp_path / "out" / "shards")  # no filter: no new shards
+    # Weights that cannot be had: one clear line, no traceback.
+    result = CliRunner().invoke(cli, ["score", "--input", str(tmp_path / "in" / "*.tar"),
+                                      "--output", str(tmp_path / "out2"),
+                                      "--set", f"clip.cache_dir={tmp_path / 'empty'}"])
+    assert result.exit_code != 0 and "cannot be downloaded" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,519 @@
+"""Loading an open_clip model and scoring image-text pairs with it (no Beam here).
+
+Weights are resolved before open_clip is called: a tag's file is looked up in
+the local caches first, so a cached model loads without touching the network,
+and a missing one fails at once with a ClipModelError that says what to pass
+instead (open_clip itself would try to download, and offline that can hang).
+
+Scoring keeps open_clip's own image transform exactly: the PIL steps of the
+model's ``preprocess_val`` (resize, crop, RGB) run on CPU threads, and the
+remaining ToTensor + Normalize (x / 255, then (x - mean) / std) run on the
+model's device on uint8 batches, which is the same arithmetic on 4x fewer
+bytes to move.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
+
+import numpy as np
+
+from paircurate.config import CONFIG_DIRS, ClipConfig
+
+_LOG = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = ("", "none", "random")
+HF_HOST = "huggingface.co"
+#: Seconds allowed to find out whether a weights host can be reached at all.
+PROBE_TIMEOUT = 3.0
+OFFLINE_HINT = ("pass a local checkpoint with clip.pretrained=/path/to/weights.safetensors (or .bin/.pt), "
+                "put the file in the cache (clip.cache_dir), or use a small architecture with random "
+                "weights: clip.model_config=paircurate-tiny clip.pretrained=none")
+
+
+class ClipModelError(RuntimeError):
+    """The model cannot be loaded as configured; the message says what to do instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    """What to hand open_clip: a model name and a local weights file (or a tag it may download)."""
+    name: str                       # open_clip architecture name, or a local-dir:/hf-hub: id
+    pretrained: Optional[str]       # local file, a tag to download, or None (random weights)
+    source: str                     # random | file | cache | download | local-dir | hf-hub
+    preprocess: Dict[str, Any]      # the tag's preprocessing (mean/std/...) when loading a cached file
+    description: Dict[str, Any]
+
+
+# ---------------------------------------------------------------------------
+# resolution: pure-ish functions that touch only the local filesystem
+
+
+def is_random(pretrained: Optional[str]) -> bool:
+    return (pretrained or "").strip().lower() in RANDOM_WEIGHTS
+
+
+def find_model_config(value: str) -> str:
+    """A model config JSON: a path as given, or a name (with or without .json) in configs/models."""
+    if os.path.isfile(value):
+        return value
+    name = value if value.endswith(".json") else value + ".json"
+    for folder in CONFIG_DIRS:
+        path = os.path.join(folder, "models", name)
+        if os.path.isfile(path):
+            return path
+    shipped = sorted({f[:-5] for d in CONFIG_DIRS if os.path.isdir(os.path.join(d, "models"))
+                      for f in os.listdir(os.path.join(d, "models")) if f.endswith(".json")})
+    raise ClipModelError(f"clip.model_config {value!r}: no such file, and not a shipped model config "
+                         f"(shipped: {', '.join(shipped) or 'none'})")
+
+
+def register_architecture(config: ClipConfig) -> str:
+    """The open_clip architecture name for the config, registering a JSON config if one is named."""
+    import open_clip
+
+    if config.model_config:
+        path = find_model_config(config.model_config)
+        open_clip.add_model_config(path)
+        return os.path.splitext(os.path.basename(path))[0]
+    name = config.model
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
+        return name
+    try:  # a shipped config may be named as the model directly
+        path = find_model_config(name)
+    except ClipModelError:
+        raise ClipModelError(f"clip.model {name!r} is not an open_clip architecture; use one of "
+                             "open_clip.list_models() (e.g. ViT-B-32, ViT-L-14), an hf-hub: id, "
+                             "or clip.model_config for a custom JSON config") from None
+    open_clip.add_model_config(path)
+    return name
+
+
+def _hub_cached(repo_id: str, filenames: Sequence[str], cache_dir: Optional[str]) -> Optional[str]:
+    """The first of ``filenames`` already in the local Hugging Face cache (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        try:
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        except Exception:  # malformed ids and the like: treat as not cached
+            found = None
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _weights_alternatives(filename: str) -> List[str]:
+    """open_clip prefers a .safetensors twin of a .bin/.pth file; look for both."""
+    names = []
+    if filename == "open_clip_pytorch_model.bin":
+        names.append("open_clip_model.safetensors")
+    elif filename.endswith((".bin", ".pth")):
+        names.append(filename[:-4] + ".safetensors")
+    return names + [filename]
+
+
+def cached_tag_file(tag_cfg: Dict[str, Any], cache_dir: Optional[str]) -> Optional[str]:
+    """The local file of a pretrained tag, if either cache open_clip uses already holds it."""
+    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
+        return tag_cfg["file"]
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)  # as open_clip splits it; "org/name/" -> default file
+        filename = filename or "open_clip_pytorch_model.bin"
+        found = _hub_cached(repo_id, _weights_alternatives(filename), cache_dir)
+        if found:
+            return found
+    url = tag_cfg.get("url", "")
+    if url:
+        path = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to host:port opens within ``timeout`` seconds (DNS included).
+
+    getaddrinfo has no timeout of its own, so the attempt runs in a daemon thread.
+    """
+    result: List[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are switched off (HF_HUB_OFFLINE) in this process."""
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    except ImportError:
+        return True
+
+
+def go_offline() -> None:
+    """Switch Hugging Face downloads off for the rest of the process (both the env and the live flag)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+        constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def can_download(host: str, probe: Callable[[str], bool] = reachable) -> bool:
+    """Whether a download from ``host`` may be tried: not offline, and the host answers.
+
+    Only called when a file is missing locally, so the probe costs nothing a
+    download would not have cost anyway.  An unreachable hub switches the
+    process offline, so that nothing later waits on it either.
+    """
+    if hub_offline():
+        return False
+    if probe(host):
+        return True
+    go_offline()
+    return False
+
+
+def _missing(what: str, where: str) -> ClipModelError:
+    return ClipModelError(f"CLIP weights {what} are not in the local cache ({where}) and cannot be "
+                          f"downloaded (offline or no network); {OFFLINE_HINT}")
+
+
+def resolve_model(config: ClipConfig, probe: Callable[[str], bool] = reachable) -> ResolvedModel:
+    """Decide where the weights come from, without loading anything; fail fast and clearly."""
+    import open_clip
+
+    name = register_architecture(config)
+    pretrained = (config.pretrained or "").strip()
+    cache = config.cache_dir
+    where = cache or "~/.cache/huggingface, ~/.cache/clip"
+    desc = {"model": name, "pretrained": "none" if is_random(pretrained) else pretrained,
+            "model_config": config.model_config}
+
+    if name.startswith("local-dir:"):
+        return ResolvedModel(name, None, "local-dir", {}, dict(desc, pretrained=name))
+    if name.startswith("hf-hub:"):
+        repo_id = name[len("hf-hub:"):]
+        config_file = _hub_cached(repo_id, ["open_clip_config.json"], cache)
+        weights = _hub_cached(repo_id, _weights_alternatives("open_clip_pytorch_model.bin"), cache)
+        if config_file and weights and os.path.dirname(config_file) == os.path.dirname(weights):
+            local = "local-dir:" + os.path.dirname(config_file)
+            return ResolvedModel(local, None, "cache", {}, dict(desc, pretrained=name))
+        if not can_download(HF_HOST, probe):
+            raise _missing(f"for {name}", where)
+        return ResolvedModel(name, None, "hf-hub", {}, dict(desc, pretrained=name))
+
+    if is_random(pretrained):
+        return ResolvedModel(name, None, "random", {}, desc)
+    if "://" in pretrained:  # gs://, s3://: copy through Beam's FileSystems once per machine
+        return ResolvedModel(name, fetch_remote_checkpoint(pretrained, cache), "file", {}, desc)
+    if os.path.isfile(pretrained):
+        return ResolvedModel(name, pretrained, "file", {}, desc)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ClipModelError(
+            f"clip.pretrained {pretrained!r} is neither a known tag of {name} "
+            f"(known: {', '.join(tags) or 'none'}) nor an existing file; "
+            "use clip.pretrained=none for random weights")
+    found = cached_tag_file(tag_cfg, cache)
+    if found:
+        return ResolvedModel(name, found, "cache", preprocess_of_tag(tag_cfg), desc)
+    host = HF_HOST if tag_cfg.get("hf_hub") else (urlparse(tag_cfg.get("url", "")).hostname or HF_HOST)
+    if not can_download(host, probe):
+        raise _missing(f"for {name}/{pretrained}", where)
+    return ResolvedModel(name, pretrained, "download", {}, desc)
+
+
+def preprocess_of_tag(tag_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a tag prescribes (what open_clip merges in when it loads the tag itself)."""
+    keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+    return {k: tag_cfg[k] for k in keys if k in tag_cfg}
+
+
+def fetch_remote_checkpoint(path: str, cache_dir: Optional[str]) -> str:
+    """Copy a gs:// / s3:// checkpoint to a local cache file (complete, then renamed)."""
+    import hashlib
+
+    from apache_beam.io.filesystems import FileSystems
+
+    folder = os.path.join(cache_dir or os.path.expanduser("~/.cache/paircurate"), "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
+    local = os.path.join(folder, digest + "-" + os.path.basename(path))
+    if os.path.isfile(local):
+        return local
+    if not FileSystems.exists(path):
+        raise ClipModelError(f"clip.pretrained {path!r}: no such file")
+    temp = f"{local}.{os.getpid()}.incomplete"
+    with FileSystems.open(path) as src, open(temp, "wb") as dst:
+        while True:
+            chunk = src.read(16 << 20)
+            if not chunk:
+                break
+            dst.write(chunk)
+    os.replace(temp, local)
+    return local
+
+
+def model_description(config: ClipConfig) -> Dict[str, Any]:
+    """What stats.json should say about the model (no weights are loaded)."""
+    desc: Dict[str, Any] = {
+        "model": config.model_config and os.path.splitext(os.path.basename(config.model_config))[0]
+        or config.model,
+        "pretrained": "none" if is_random(config.pretrained) else config.pretrained,
+        "model_config": config.model_config,
+        "precision": config.precision,
+        "batch_size": config.batch_size,
+        "filter": ("min_score" if config.min_score is not None
+                   else "keep_fraction" if config.keep_fraction is not None else "none"),
+        "min_score": config.min_score,
+        "keep_fraction": config.keep_fraction,
+    }
+    return desc
+
+
+# ---------------------------------------------------------------------------
+# the loaded model
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipModelError(f"clip.device={device} but no CUDA device is available; use clip.device=cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: str):
+    """The autocast dtype: fp16 on CUDA by default, none (fp32) on CPU."""
+    import torch
+
+    kind = device.split(":")[0]
+    if precision == "auto":
+        precision = "fp16" if kind == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if kind != "cuda":
+            raise ClipModelError("clip.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        return torch.float16
+    raise ClipModelError("clip.precision must be one of auto, fp32, fp16, bf16")
+
+
+def split_transform(preprocess) -> Optional[Tuple[Callable, Tuple[float, ...], Tuple[float, ...]]]:
+    """(PIL steps, mean, std) when ``preprocess`` ends in ToTensor + Normalize; else None."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    for i, step in enumerate(steps):
+        if isinstance(step, T.ToTensor):
+            rest = steps[i + 1:]
+            if len(rest) == 1 and isinstance(rest[0], T.Normalize):
+                return T.Compose(steps[:i]), tuple(rest[0].mean), tuple(rest[0].std)
+            return None
+    return None
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    """Scores (float32, NaN where an image could not be decoded) and optional float16 embeddings."""
+    scores: np.ndarray
+    errors: List[Optional[str]]
+    image_embeddings: Optional[np.ndarray] = None
+    text_embeddings: Optional[np.ndarray] = None
+    timings: Optional[Dict[str, float]] = None
+
+
+class LoadedClip:
+    """A model, its tokenizer and transform, and the threads that prepare images for it.
+
+    One per worker process (Beam's Shared / multi_process_shared); its methods
+    may be called from several threads at once.
+    """
+
+    def __init__(self, config: ClipConfig, resolved: Optional[ResolvedModel] = None):
+        import open_clip
+        import torch
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        self.config = config
+        self.resolved = resolved or resolve_model(config)
+        self.device = pick_device(config.device)
+        self.autocast = autocast_dtype(config.precision, self.device)
+        r = self.resolved
+        started = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random weights are the same in every process
+                model = open_clip.create_model(
+                    r.name, pretrained=r.pretrained, device=self.device, precision="fp32",
+                    cache_dir=config.cache_dir, force_preprocess_cfg=r.preprocess or None)
+            self.tokenizer = open_clip.get_tokenizer(r.name, cache_dir=config.cache_dir)
+        except ClipModelError:
+            raise
+        except Exception as exc:  # open_clip's own errors, reworded once
+            raise ClipModelError(f"could not load CLIP model {r.name} ({r.pretrained or 'random'}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        model.eval()
+        self.model = model
+        self.preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        split = split_transform(self.preprocess)
+        self.pil_steps = split[0] if split else None
+        size = model.visual.image_size
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        if split:
+            self.mean = torch.tensor(split[1], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+            self.std = torch.tensor(split[2], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.threads = config.preprocess_threads or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess")
+        self._local = threading.local()
+        self.load_seconds = time.perf_counter() - started
+        self.description = dict(r.description, device=self.device,
+                                embed_dim=int(model.text_projection.shape[-1])
+                                if getattr(model, "text_projection", None) is not None else None)
+
+    # -- image preparation (CPU threads) --
+
+    def _prepare_into(self, out: np.ndarray, i: int, data: bytes) -> Optional[str]:
+        """Decode one image and run the PIL steps of the model's transform into ``out[i]``."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if self.pil_steps is None:
+                    out[i] = self.preprocess(image).numpy()
+                    return None
+                prepared = self.pil_steps(image)
+                array = np.asarray(prepared)
+            if array.shape != out.shape[1:]:
+                return f"unexpected shape {array.shape} after the model's transform"
+            out[i] = array
+            return None
+        except Exception as exc:  # one bad image must not fail its batch
+            return f"{type(exc).__name__}: {exc}"[:200]
+
+    def _buffer(self, n: int):
+        """A (reused, pinned on CUDA) host buffer for n prepared images."""
+        import torch
+
+        h, w = self.image_size
+        shape = (n, h, w, 3) if self.pil_steps is not None else (n, 3, h, w)
+        dtype = torch.uint8 if self.pil_steps is not None else torch.float32
+        cached = getattr(self._local, "buffer", None)
+        if cached is None or cached.shape[0] < n or tuple(cached.shape[1:]) != shape[1:]:
+            cached = torch.empty(shape, dtype=dtype, pin_memory=self.device.startswith("cuda"))
+            self._local.buffer = cached
+        return cached[:n]
+
+    def _to_model_input(self, host):
+        """Host uint8 NHWC -> normalised float NCHW on the device (ToTensor + Normalize)."""
+        x = host.to(self.device, non_blocking=True)
+        if self.pil_steps is None:
+            return x
+        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255)
+        return x.sub_(self.mean).div_(self.std)
+
+    # -- scoring --
+
+    def score(self, images: Sequence[bytes], captions: Sequence[str],
+              embeddings: bool = False, chunk: Optional[int] = None, timed: bool = False) -> ScoredBatch:
+        """Cosine similarity of each (image, caption) pair, in input order.
+
+        Images are prepared on the thread pool while this thread tokenizes the
+        captions and, chunk by chunk, feeds the device (CUDA runs asynchronously,
+        so preparation of later chunks overlaps the model on earlier ones).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        n = len(images)
+        if n == 0:
+            return ScoredBatch(np.zeros(0, np.float32), [])
+        timings: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        host = self._buffer(n)
+        host_np = host.numpy()
+        futures = [self.pool.submit(self._prepare_into, host_np, i, data) for i, data in enumerate(images)]
+        tokens = self.tokenizer(list(captions))
+        t_tok = time.perf_counter()
+        timings["tokenize"] = t_tok - t0
+        tokens = tokens.to(self.device, non_blocking=True)
+        chunk = chunk or (256 if self.device.startswith("cuda") else n)
+        errors: List[Optional[str]] = [None] * n
+        image_out, text_out = [], []
+        wait = model_time = 0.0
+        cast = (torch.autocast(self.device.split(":")[0], dtype=self.autocast)
+                if self.autocast is not None else nullcontext())
+        with torch.inference_mode():
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                t = time.perf_counter()
+                for i in range(start, end):
+                    errors[i] = futures[i].result()
+                t2 = time.perf_counter()
+                wait += t2 - t
+                x = self._to_model_input(host[start:end])
+                with cast:
+                    image_features = self.model.encode_image(x)
+                    text_features = self.model.encode_text(tokens[start:end])
+                image_out.append(F.normalize(image_features.float(), dim=-1))
+                text_out.append(F.normalize(text_features.float(), dim=-1))
+                model_time += time.perf_counter() - t2
+            image_emb = torch.cat(image_out)
+            text_emb = torch.cat(text_out)
+            scores = (image_emb * text_emb).sum(dim=-1)
+            t3 = time.perf_counter()
+            scores_np = scores.cpu().numpy().astype(np.float32)
+            result = ScoredBatch(scores_np, errors)
+            if embeddings:
+                result.image_embeddings = image_emb.half().cpu().numpy()
+                result.text_embeddings = text_emb.half().cpu().numpy()
+            t4 = time.perf_counter()
+        for i, error in enumerate(errors):
+            if error is not None:
+                scores_np[i] = np.nan
+        if timed:
+            timings.update(wait_for_images=wait, model_launch=model_time, model_sync=t4 - t3,
+                           total=t4 - t0)
+            result.timings = timings
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def load_clip(config: ClipConfig) -> LoadedClip:
+    """Resolve the weights (failing fast when they cannot be had) and load the model."""
+    return LoadedClip(config)

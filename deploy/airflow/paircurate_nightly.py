@@ -13,7 +13,11 @@ from __future__ import annotations
 import datetime
 
 from airflow import DAG
-from airflow.operators.bash import BashOperator
+
+try:  # Airflow 3 moved the operator into the standard provider
+    from airflow.providers.standard.operators.bash import BashOperator
+except ImportError:  # Airflow 2
+    from airflow.operators.bash import BashOperator
 
 DEFAULT_ARGS = {
     "owner": "data",

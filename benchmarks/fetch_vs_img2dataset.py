@@ -149,6 +149,8 @@ def main() -> None:
                         cmd = [paircurate, "run", "--input", url_list, "--output", out,
                                "--set", "dedup.enabled=false", "--set", "clip.enabled=false",
                                "--set", f"fetch.threads={args.threads}",
+                               # img2dataset has no per-host cap and every URL here is on one host
+                               "--set", f"fetch.per_host_concurrency={args.threads}",
                                "--allow-host", server.host_port]
                     elapsed = timed(cmd, env)
                     ok, inner = (stats_img2dataset if name == "img2dataset" else stats_paircurate)(out)
@@ -166,6 +168,7 @@ def main() -> None:
                 timed([sys.executable, "-m", "cProfile", "-o", prof, "-c", code, "run", "--input",
                        url_list, "--output", out, "--set", "dedup.enabled=false", "--set",
                        "clip.enabled=false", "--set", f"fetch.threads={args.threads}",
+                       "--set", f"fetch.per_host_concurrency={args.threads}",
                        "--allow-host", server.host_port], env)
                 import pstats
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -83,6 +83,8 @@ class ImageConfig:
     max_aspect_ratio: float = math.inf
     # Images with more pixels than this are refused before decoding (decompression bombs).
     max_image_pixels: int = 100_000_000
+    # Decode/resize threads per worker (0: one per CPU core).
+    threads: int = 0
 
 
 @dataclass

@@ -17,19 +17,17 @@ import hashlib
 import http.client
 import io
 import ipaddress
-import queue
 import random
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import apache_beam as beam
-from apache_beam.utils.windowed_value import WindowedValue
 
+from paircurate.beam_util import ConcurrentRecordFn
 from paircurate.config import FetchConfig
 from paircurate.schema import Status, error_class, is_live, mark
 
@@ -756,71 +754,30 @@ def fetch_record(record: dict, config: FetchConfig, **kwargs) -> dict:
 # Beam wrapper
 
 
-class _FetchDoFn(beam.DoFn):
-    """Fetches live records on a thread pool, keeping up to ``max_in_flight`` requests going.
+class _FetchDoFn(ConcurrentRecordFn):
+    """Fetches live records on a thread pool (see ConcurrentRecordFn)."""
 
-    Results are emitted as they complete (with the input's timestamp and
-    window), so one slow host holds only its own records, never a batch.
-    """
+    failure_status = Status.FETCH_FAILED
+    namespace = "fetch"
 
     def __init__(self, config: FetchConfig):
+        super().__init__(config.threads)
         self._config = config
-        self._max_in_flight = max(1, config.threads * 2)
 
     def setup(self) -> None:
-        self._executor = ThreadPoolExecutor(self._config.threads, thread_name_prefix="fetch")
+        super().setup()
         self._limiter = shared_host_limiter(self._config.per_host_concurrency)
         self._allowed = allowed_pairs(self._config)
-        self._counters: Dict[str, object] = {}
         self._bytes = beam.metrics.Metrics.counter("fetch", "bytes")
 
-    def start_bundle(self) -> None:
-        self._done: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._in_flight = 0
+    def work(self, record: dict) -> None:
+        fetch_record(record, self._config, host_limiter=self._limiter, allowed=self._allowed)
 
-    def _fetch(self, item):
-        record, timestamp, window = item
-        try:
-            fetch_record(record, self._config, host_limiter=self._limiter, allowed=self._allowed)
-        except Exception as exc:  # a bug must not lose the record; it is marked and counted
-            mark(record, Status.FETCH_FAILED, f"internal: {type(exc).__name__}: {exc}"[:200])
-        self._done.put((record, timestamp, window))
-
-    def _count(self, record: dict) -> None:
-        name = error_class(record.get("error")) if not is_live(record) else "ok"
-        if name not in self._counters:
-            self._counters[name] = beam.metrics.Metrics.counter("fetch", name)
-        self._counters[name].inc()
+    def count(self, record: dict) -> None:
+        # Beam metrics are per thread: count on the bundle's thread, not the pool's.
+        super().count(record)
         if record.get("raw"):
             self._bytes.inc(len(record["raw"]))
-
-    def _emit(self, block: bool):
-        while self._in_flight:
-            try:
-                record, timestamp, window = self._done.get(block=block)
-            except queue.Empty:
-                return
-            self._in_flight -= 1
-            self._count(record)
-            yield WindowedValue(record, timestamp, (window,))
-            block = False  # after one blocking wait, take only what is ready
-
-    def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        if not is_live(record):
-            yield record
-            return
-        self._executor.submit(self._fetch, (record, timestamp, window))
-        self._in_flight += 1
-        yield from self._emit(block=self._in_flight >= self._max_in_flight)
-
-    def finish_bundle(self):
-        while self._in_flight:
-            yield from self._emit(block=True)
-
-    def teardown(self) -> None:
-        executor = getattr(self, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
 
 
 class FetchImages(beam.PTransform):

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import apache_beam as beam
 
+from paircurate.beam_util import ConcurrentRecordFn
 from paircurate.config import ImageConfig
 from paircurate.schema import Status, is_live, mark
 
@@ -72,23 +73,42 @@ def decode_and_resize(record: Dict[str, Any], resizer, config: ImageConfig) -> D
     return record
 
 
-class _ResizeFn(beam.DoFn):
+def _quiet_resizer_module() -> None:
+    """Stop img2dataset's Resizer from redirecting file descriptors 1 and 2.
+
+    Its SuppressStdoutStderr swaps the process-wide stdout/stderr descriptors
+    around every image to hide decoder warnings; from several threads at once
+    those swaps interleave and can leave the process writing to /dev/null.
+    Decoder warnings on stderr are the lesser harm.
+    """
+    import contextlib
+
+    from img2dataset import resizer as resizer_module
+
+    resizer_module.SuppressStdoutStderr = contextlib.nullcontext
+
+
+class _ResizeFn(ConcurrentRecordFn):
+    """Decodes and resizes on a thread pool: OpenCV releases the GIL while it works."""
+
+    failure_status = Status.DECODE_FAILED
+    namespace = "resize"
+
     def __init__(self, config: ImageConfig):
+        super().__init__(config.threads or os.cpu_count() or 1)
         self._config = config
-        self._resizer = None
 
     def setup(self):
         from PIL import Image
 
+        super().setup()
         # Pillow's own bomb guard, set deliberately: refuse (not warn) beyond our limit.
         Image.MAX_IMAGE_PIXELS = self._config.max_image_pixels // 2
+        _quiet_resizer_module()
         self._resizer = make_resizer(self._config)
 
-    def process(self, record):
-        if is_live(record):
-            record = decode_and_resize(record, self._resizer, self._config)
-            beam.metrics.Metrics.counter("resize", record["status"]).inc()
-        yield record
+    def work(self, record):
+        decode_and_resize(record, self._resizer, self._config)
 
 
 class DecodeAndResize(beam.PTransform):

@@ -149,12 +149,9 @@ def test_nightly_restarts_a_failed_run_cleanly(tmp_path, image_server, parquet_i
 
 
 def test_airflow_dag_imports():
-    pytest.importorskip("airflow", reason="Airflow is not installed (pip install apache-airflow)")
-    from airflow.models import DagBag
+    pytest.importorskip("airflow", reason="Airflow is not installed (.ci/run checks the DAG in its own venv)")
+    import subprocess
 
-    bag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "deploy", "airflow"),
-                 include_examples=False)
-    assert not bag.import_errors
-    dag = bag.get_dag("paircurate_nightly")
-    assert dag is not None and dag.max_active_runs == 1
-    assert "--run-id {{ ds }}" in dag.get_task("curate").bash_command
+    script = os.path.join(os.path.dirname(__file__), "..", "deploy", "airflow", "check_dag.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

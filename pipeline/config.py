@@ -302,5 +302,9 @@ def validate(config: Config) -> None:
         raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
     if clip.keep_fraction is not None and not 0.0 < clip.keep_fraction <= 1.0:
         raise ConfigError("clip.keep_fraction must be in (0, 1]")
+    if config.dedup.near and config.dedup.hash_size > 8:
+        raise ConfigError("dedup.hash_size must be at most 8 (64-bit hashes) for near-duplicate search")
+    if config.dedup.hash not in ("phash", "dhash", "ahash", "whash"):
+        raise ConfigError("dedup.hash must be one of phash, dhash, ahash, whash")
     if not 0 <= config.dedup.max_distance <= config.dedup.hash_size ** 2:
         raise ConfigError("dedup.max_distance must be between 0 and the hash's bit count")

@@ -45,7 +45,7 @@ structured images + 200 nearly flat ones, 14 transformed copies each):
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -135,6 +135,18 @@ def near_decisions(phash: int, label: Tuple[Rank, int], member_ranks: Iterable[R
     distance = hamming(phash, best_phash)
     return [(r[2], (Status.DUPLICATE_NEAR.value, best_rank[2], f"near: distance={distance}"))
             for r in member_ranks if r != best_rank]
+
+
+def resolve_exact(element) -> Iterator[Decision]:
+    """Exact-copy decisions of one target, re-pointed when the target is a near duplicate."""
+    target, grouped = element
+    near = list(grouped["near"])
+    for uid, decision in grouped["exact"]:
+        if near:
+            _, representative, _ = near[0]
+            yield uid, (Status.DUPLICATE_NEAR.value, representative, f"near: exact copy of {target}")
+        else:
+            yield uid, decision
 
 
 # --------------------------------------------------------------------------- DoFns
@@ -299,16 +311,24 @@ class DedupDecisions(beam.PTransform):
 
     def expand(self, sigs):
         config = self._config
-        outputs = []
+        exact_decisions = near = None
         if config.exact:
             exact = (sigs
                      | "KeyBySha" >> beam.Map(lambda s: (s[2], s))
                      | "GroupBySha" >> beam.GroupByKey()
                      | "Exact" >> beam.ParDo(_ExactFn()).with_outputs("decisions", main="kept"))
-            outputs.append(exact.decisions)
+            exact_decisions = exact.decisions
             sigs = exact.kept
         if config.near:
-            outputs.append(sigs | "Near" >> _NearDecisions(config, self._masks))
+            near = sigs | "Near" >> _NearDecisions(config, self._masks)
+        if exact_decisions is not None and near is not None:
+            # An exact group's best image may itself be a near duplicate: its copies
+            # then point at the cluster's representative, the image that is kept.
+            exact_decisions = ({"exact": exact_decisions | "ByTarget" >> beam.Map(lambda d: (d[1][1], d)),
+                                "near": near}
+                               | "JoinExactNear" >> beam.CoGroupByKey()
+                               | "Resolve" >> beam.FlatMap(resolve_exact))
+        outputs = [pc for pc in (exact_decisions, near) if pc is not None]
         if not outputs:
             return sigs.pipeline | "NoDecisions" >> beam.Create([])
         return outputs | "Decisions" >> beam.Flatten()

@@ -45,6 +45,10 @@ test_pipeline = local_pipeline
 test_pipeline.__test__ = False  # type: ignore[attr-defined]
 
 
+#: Distribution (microseconds per record) that concurrent stages record.
+WORK_TIME_METRIC = "work_us"
+
+
 class ConcurrentRecordFn(beam.DoFn):
     """A DoFn that runs ``work(record)`` for live records on a thread pool.
 
@@ -73,6 +77,7 @@ class ConcurrentRecordFn(beam.DoFn):
 
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix=self.namespace)
         self._counters = {}
+        self._work_time = beam.metrics.Metrics.distribution(self.namespace, WORK_TIME_METRIC)
 
     def start_bundle(self) -> None:
         import queue
@@ -83,12 +88,16 @@ class ConcurrentRecordFn(beam.DoFn):
     def _run(self, item) -> None:
         from paircurate.schema import mark
 
+        import time
+
         record, timestamp, window = item
+        started = time.perf_counter()
         try:
             self.work(record)
         except Exception as exc:  # a bug must not lose the record: it is marked and counted
             mark(record, self.failure_status, f"{self.failure_class}: {type(exc).__name__}: {exc}"[:200])
-        self._done.put((record, timestamp, window))
+        elapsed_us = int((time.perf_counter() - started) * 1e6)
+        self._done.put((record, timestamp, window, elapsed_us))
 
     def count(self, record) -> None:
         from paircurate.schema import error_class, is_live
@@ -105,11 +114,13 @@ class ConcurrentRecordFn(beam.DoFn):
 
         while self._in_flight:
             try:
-                record, timestamp, window = self._done.get(block=block)
+                record, timestamp, window, elapsed_us = self._done.get(block=block)
             except queue.Empty:
                 return
             self._in_flight -= 1
             self.count(record)
+            # Per-record work time (read by paircurate.run.stage_timings for stats.json).
+            self._work_time.update(elapsed_us)
             yield WindowedValue(record, timestamp, (window,))
             block = False  # after one blocking wait, take only what is ready
 

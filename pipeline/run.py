@@ -109,6 +109,55 @@ def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: 
     return stats
 
 
+def stage_timings(result) -> Dict[str, Dict[str, float]]:
+    """Per-stage work time from Beam metrics: records, busy seconds (summed over threads), ms per record.
+
+    Fetch and decode/resize record the time of each record's work; CLIP
+    records RunInference's batch latency.  Shuffle-bound stages (dedup, shard
+    numbering) have no per-record work to time and are not listed.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from paircurate.beam_util import WORK_TIME_METRIC
+
+    stages: Dict[str, Dict[str, float]] = {}
+    try:
+        distributions = result.metrics().query(MetricsFilter())["distributions"]
+    except Exception:  # some runners report no metrics
+        return stages
+    for item in distributions:
+        name, namespace = item.key.metric.name, item.key.metric.namespace
+        value = item.committed or item.attempted
+        if value is None or not value.count:
+            continue
+        if name == WORK_TIME_METRIC:
+            stage, records = namespace, value.count
+        elif name == "inference_batch_latency_micro_secs":
+            stage, records = "clip", None
+        else:
+            continue
+        entry = stages.setdefault(stage, {"records": 0, "busy_s": 0.0})
+        entry["busy_s"] += value.sum / 1e6
+        if records is not None:
+            entry["records"] += records
+    for name, entry in stages.items():
+        if name == "clip":
+            entry["records"] = _counter_sum(result, "num_inferences")
+        entry["busy_s"] = round(entry["busy_s"], 3)
+        entry["ms_per_record"] = round(1000 * entry["busy_s"] / entry["records"], 3) if entry["records"] else None
+    return stages
+
+
+def _counter_sum(result, name: str) -> int:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    except Exception:
+        return 0
+    return int(sum((c.committed or c.attempted or 0) for c in counters))
+
+
 def _rows_read(result) -> Optional[int]:
     try:
         from apache_beam.metrics.metric import MetricsFilter
@@ -137,15 +186,16 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     state = result.wait_until_finish()
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
-    return finalise(layout, config, started, _rows_read(result))
+    return finalise(layout, config, started, _rows_read(result), stage_timings(result))
 
 
 def finalise(layout: OutputLayout, config: Config, started: float,
-             rows_read: Optional[int]) -> Dict[str, Any]:
+             rows_read: Optional[int], stages: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Turn the pipeline's work files into stats.json and manifest.json, then mark success."""
     counts = read_json(FileSystems.join(layout.work, "counts.json"))
     manifest = read_json(FileSystems.join(layout.work, "manifest.json"))
     stats = build_stats(counts, manifest, config, started, time.time(), rows_read)
+    stats["stages"] = stages or {}
     if rows_read is not None and rows_read != counts["rows"]:
         raise RunError(f"ledger has {counts['rows']} rows for {rows_read} input rows: "
                        "records were lost; the output is not marked finished")

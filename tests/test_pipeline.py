@@ -155,3 +155,16 @@ def test_help_is_complete():
     for option in ("--input", "--output", "--config", "--set", "--runner", "--allow-host",
                    "--overwrite", "--no-clip"):
         assert option in run_help
+
+
+def test_stats_time_the_concurrent_stages(finished_run):
+    rows, _, out, stats = finished_run
+    stages = stats["stages"]
+    # Fetch handles every row that reached it; resize every row fetched successfully.
+    reached_fetch = sum(1 for r in rows if r["expect"] not in ("invalid_input", "caption_filtered",
+                                                                "duplicate_input"))
+    assert stages["fetch"]["records"] == reached_fetch
+    assert stages["resize"]["records"] == N_GOOD + 1  # the corrupt file is decoded too
+    assert stages["fetch"]["busy_s"] > 0 and stages["fetch"]["ms_per_record"] > 0
+    page = open(os.path.join(out, "report.html")).read()
+    assert 'data-stage="fetch"' in page

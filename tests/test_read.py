@@ -121,3 +121,31 @@ def test_beam_read_spreads_tasks(tmp_path, parquet_input):
         assert sorted(r["position"] for r in records) == list(range(30))
     with test_pipeline() as p:
         assert_that(p | ReadInput(tasks, config, carried), check)
+
+
+def test_files_must_share_format_and_columns(tmp_path, parquet_input):
+    (tmp_path / "d").mkdir()
+    parquet_input([{"url": "http://a", "caption": "first file", "lang": "en"}], "d/a.parquet")
+    parquet_input([{"url": "http://b", "caption": "second file"}], "d/b.parquet")
+    with pytest.raises(InputError, match="share their columns"):
+        plan_reads(str(tmp_path / "d"), InputConfig())
+    (tmp_path / "e").mkdir()
+    parquet_input([{"url": "http://a", "caption": "first file"}], "e/a.parquet")
+    (tmp_path / "e" / "b.csv").write_text("url,caption\nhttp://b,second file\n")
+    with pytest.raises(InputError, match="share one format"):
+        plan_reads(str(tmp_path / "e"), InputConfig())
+
+
+def test_jsonl_keys_beyond_the_sample_are_kept(tmp_path, monkeypatch):
+    import paircurate.transforms.read as read
+
+    monkeypatch.setattr(read, "JSONL_SAMPLE", 2)
+    lines = [{"url": f"http://h/{i}", "caption": "caption text", "a": i} for i in range(3)]
+    lines.append({"url": "http://h/9", "caption": "caption text", "late": [1, 2]})
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    tasks = plan_reads(str(tmp_path / "x.jsonl"), InputConfig())
+    names = [f.name for f in carried_columns(tasks, InputConfig())]
+    assert names == ["a", read.JSONL_OVERFLOW]
+    records = read_all(str(tmp_path / "x.jsonl"))
+    assert records[3]["extra"][read.JSONL_OVERFLOW] == '{"late": [1, 2]}'
+    assert records[0]["extra"]["a"] == "0" and read.JSONL_OVERFLOW not in records[0]["extra"]

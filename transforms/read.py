@@ -30,6 +30,8 @@ _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "ts
              ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
 #: How many JSONL records are looked at to learn the carried columns.
 JSONL_SAMPLE = 1000
+#: Ledger column for JSONL keys that the sample did not show (a JSON object).
+JSONL_OVERFLOW = "input_extra_json"
 
 
 class InputError(ValueError):
@@ -102,18 +104,33 @@ def plan_reads(pattern: str, config: InputConfig) -> List[ReadTask]:
     """Split the input into read tasks (no row is read here, only file metadata)."""
     root, files = list_input_files(pattern)
     tasks: List[ReadTask] = []
+    first: Optional[Tuple[str, str, List[str]]] = None  # (path, format, columns)
     for path, size in files:
         fmt, compressed = detect_format(path, config.format)
         source = relative_source(path, root)
+        columns: List[str] = []
         if fmt == "parquet":
             with FileSystems.open(path) as handle:
-                groups = pq.ParquetFile(handle).num_row_groups
+                parquet = pq.ParquetFile(handle)
+                groups = parquet.num_row_groups
+                columns = parquet.schema_arrow.names
             tasks.extend(ReadTask(path, source, fmt, False, g, g + 1) for g in range(groups))
-        elif fmt in ("txt", "tsv", "jsonl") and not compressed and size > config.split_bytes:
+        elif fmt in ("csv", "tsv"):
+            columns = header_of(path, fmt, compressed)
+        # Every file must look like the first: the ledger has one schema.
+        if first is None:
+            first = (path, fmt, columns)
+        elif fmt != first[1]:
+            raise InputError(f"input files must share one format: {first[0]} is {first[1]}, "
+                             f"{path} is {fmt}")
+        elif columns != first[2]:
+            raise InputError(f"input files must share their columns: {first[0]} has "
+                             f"{', '.join(first[2])}; {path} has {', '.join(columns)}")
+        if fmt in ("txt", "tsv", "jsonl") and not compressed and size > config.split_bytes:
             for start in range(0, size, config.split_bytes):
                 tasks.append(ReadTask(path, source, fmt, False, start,
                                       min(start + config.split_bytes, size)))
-        else:
+        elif fmt != "parquet":  # Parquet's row-group tasks were added above
             tasks.append(ReadTask(path, source, fmt, compressed))
     return tasks
 
@@ -254,6 +271,8 @@ def carried_columns(tasks: Sequence[ReadTask], config: InputConfig) -> pa.Schema
                 break
             names.extend(k for k in row if k not in names and k not in core and k != "__invalid__")
         fields = [pa.field(carried_name(n), pa.string()) for n in names]
+        # Keys first seen after the sample are not lost: they go here as one JSON object.
+        fields.append(pa.field(JSONL_OVERFLOW, pa.string()))
     else:
         fields = []
     return pa.schema(fields)
@@ -265,6 +284,7 @@ def to_record(task: ReadTask, position: int, row: Dict[str, Any], config: InputC
     url = row.get(config.url_col)
     caption = row.get(config.caption_col) if task.fmt != "txt" else None
     extra: Dict[str, Any] = {}
+    overflow: Dict[str, Any] = {}
     for name, value in row.items():
         if name in (config.url_col, config.caption_col):
             continue
@@ -273,10 +293,14 @@ def to_record(task: ReadTask, position: int, row: Dict[str, Any], config: InputC
             continue
         target = carried_name(name)
         if target not in carried:
+            if text_carried:
+                overflow[name] = value
             continue
         if text_carried and value is not None and not isinstance(value, str):
             value = json.dumps(value, ensure_ascii=False, sort_keys=True)
         extra[target] = value
+    if overflow:
+        extra[JSONL_OVERFLOW] = json.dumps(overflow, ensure_ascii=False, sort_keys=True)
     if config.url_col not in row and "__invalid__" not in extra:
         extra["__invalid__"] = f"no column {config.url_col!r}"
     uid = make_uid(task.source, position, url, caption)

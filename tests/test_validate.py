@@ -39,7 +39,7 @@ def test_caption_prefilter():
 
 def test_keep_first_is_order_independent():
     a, b, c = rec("u", position=5), rec("u", position=2), rec("u", position=9)
-    out = keep_first([a, b, c])
+    out = list(keep_first([a, b, c]))
     kept = [r for r in out if r["status"] == "ok"]
     assert [r["position"] for r in kept] == [2]
     assert {r["duplicate_of"] for r in out if r["status"] == "duplicate_input"} == {b["uid"]}

@@ -1,7 +1,7 @@
 """Validation, the caption prefilter and exact URL+caption dedup of the input list."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 import apache_beam as beam
 
@@ -46,14 +46,23 @@ def input_key(record: Dict[str, Any]) -> Tuple[str, str]:
     return record["url"], record.get("caption") or ""
 
 
-def keep_first(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Of records with the same URL and caption, keep the first by (source, position)."""
-    ordered = sorted(records, key=lambda r: (r["source"], r["position"], r["uid"]))
-    kept = ordered[0]
-    for other in ordered[1:]:
-        mark(other, Status.DUPLICATE_INPUT, "same_url_caption")
-        other["duplicate_of"] = kept["uid"]
-    return ordered
+def _listing_order(record: Dict[str, Any]) -> Tuple[str, int, str]:
+    return record["source"], record["position"], record["uid"]
+
+
+def keep_first(records: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """Of records with the same URL and caption, keep the first by (source, position).
+
+    Two passes over the group instead of a sort, so a URL listed a million
+    times is streamed rather than held and sorted (Beam's grouped values can be
+    iterated again).
+    """
+    first = min(_listing_order(r) for r in records)
+    for record in records:
+        if _listing_order(record) != first:
+            mark(record, Status.DUPLICATE_INPUT, "same_url_caption")
+            record["duplicate_of"] = first[2]
+        yield record
 
 
 class ValidateAndFilter(beam.PTransform):

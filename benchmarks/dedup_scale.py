@@ -77,8 +77,12 @@ def run_one(size: int, clustered: float, exact: float) -> dict:
     result.wait_until_finish()
     seconds = time.time() - start
     counters = result.metrics().query()["counters"]
-    metrics = {m.key.metric.name: m.committed for m in counters if m.key.metric.namespace == "dedup"}
-    counts = {m.key.metric.name: m.committed for m in counters if m.key.metric.namespace == "status"}
+    # A counter appears once per step that uses it (label_changes: once per clustering round): sum them.
+    metrics, counts = {}, {}
+    for m in counters:
+        target = {"dedup": metrics, "status": counts}.get(m.key.metric.namespace)
+        if target is not None:
+            target[m.key.metric.name] = target.get(m.key.metric.name, 0) + (m.committed or 0)
     return {"size": size, "seconds": seconds, "counts": counts, "metrics": metrics}
 
 

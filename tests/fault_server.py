@@ -32,6 +32,15 @@ ROBOTS_VARIANTS: Dict[str, List[str]] = {
 }
 
 
+def make_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A decompression bomb: a 1-bit PNG of a blank canvas, tiny on disk, huge decoded."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
 def make_image(fmt: str = "JPEG", size=(64, 48), seed: int = 0) -> bytes:
     """A small valid image, generated with Pillow."""
     from PIL import Image
@@ -110,6 +119,10 @@ class FaultHandler(BaseHTTPRequestHandler):
             self._send(200, jpeg, "text/html")
         elif path == "/notype.png":
             self._send(200, png, None)
+        elif path == "/corrupt.jpg":      # half a JPEG, served whole: fetched fine, undecodable
+            self._send(200, jpeg[: len(jpeg) // 2])
+        elif path == "/bomb.png":         # a few kB that decode to 400 million pixels
+            self._send(200, srv.bomb, "image/png")
         elif head == "status":
             self._send(int(parts[1]), b"<html><body>error</body></html>", "text/html")
         elif head == "flaky":             # 500 once per key, then the image
@@ -259,6 +272,7 @@ class FaultServer:
         srv.max_active = 0
         srv.jpeg = make_image("JPEG")
         srv.png = make_image("PNG", seed=3)
+        srv.bomb = make_bomb()
         srv.files = files or {}
         self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)

@@ -168,3 +168,20 @@ def test_stats_time_the_concurrent_stages(finished_run):
     assert stages["fetch"]["busy_s"] > 0 and stages["fetch"]["ms_per_record"] > 0
     page = open(os.path.join(out, "report.html")).read()
     assert 'data-stage="fetch"' in page
+
+
+def test_lost_records_are_never_marked_finished(tmp_path):
+    from paircurate.graph import OutputLayout
+    from paircurate.run import finalise
+    from paircurate.transforms.write import write_json
+
+    layout = OutputLayout(str(tmp_path / "out"))
+    os.makedirs(layout.work)
+    write_json(os.path.join(layout.work, "counts.json"),
+               {"rows": 9, "by_status": {"ok": 9}, "errors": {}})
+    write_json(os.path.join(layout.work, "manifest.json"), [])
+    with pytest.raises(RunError, match="records were lost"):
+        finalise(layout, load_config(overrides=["output.report=false"]), 0.0, rows_read=10)
+    assert not os.path.exists(os.path.join(layout.root, "_SUCCESS"))
+    stats = finalise(layout, load_config(overrides=["output.report=false"]), 0.0, rows_read=9)
+    assert stats["rows_in"] == 9 and os.path.exists(os.path.join(layout.root, "_SUCCESS"))

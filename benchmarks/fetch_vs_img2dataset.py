@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess

@@ -24,9 +24,9 @@ import time
 from typing import Dict, List, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
-from paircurate.transforms.phash import content_sha256, information, perceptual_hash
+from paircurate.transforms.phash import information, perceptual_hash
 
 THRESHOLDS = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 9.0]
 
@@ -211,7 +211,6 @@ def min_cross_family(hashes: np.ndarray, families: np.ndarray, eligible: np.ndar
 
 
 def evaluate(data, ks=range(0, 15), min_information: float = 4.0, chosen_k: int = 8) -> Dict:
-    names = ["base"] + TRANSFORMS
     fams, hashes, infos, variants, flat_flags = [], [], [], [], []
     for index, flat, rows in data:
         for name, h, info in rows:

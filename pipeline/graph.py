@@ -9,7 +9,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config
-from paircurate.schema import Status, is_live
+from paircurate.schema import is_live
 from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
 from paircurate.transforms.validate import ValidateAndFilter
 from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards

@@ -1,10 +1,8 @@
 """Dedup end to end: duplicate families under different URLs, then a run against history."""
 import glob
-import io
 import os
 
 import pyarrow.parquet as pq
-from PIL import Image
 
 from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image

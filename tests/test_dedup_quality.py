@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import numpy as np
 import pytest
 
 from paircurate.config import DedupConfig

@@ -19,9 +19,9 @@ from fault_server import FaultServer, fault_server, free_port, self_signed_cert 
 from paircurate.transforms import fetch as fetch_module
 from paircurate.beam_util import test_pipeline
 from paircurate.config import FetchConfig
-from paircurate.schema import Status, error_class, is_live, mark, new_record
+from paircurate.schema import Status, error_class, mark, new_record
 from paircurate.transforms.fetch import (
-    FetchImages, FetchResult, HostLimiter, apply_fetch, backoff_delay, blocked_address,
+    FetchImages, HostLimiter, apply_fetch, backoff_delay, blocked_address,
     content_problem, fetch_url, parse_ipv4_number, parse_retry_after, parse_target,
     robots_disallowed, sniff_image)
 

@@ -1,13 +1,11 @@
 """End to end on the local runner: ledger completeness, statuses, shards, determinism, reruns."""
 import glob
-import io
 import json
 import os
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from paircurate.cli import cli
 from paircurate.config import load_config

@@ -1,8 +1,6 @@
 import gzip
 import json
 
-import apache_beam as beam
-import pyarrow as pa
 import pytest
 from apache_beam.testing.util import assert_that
 

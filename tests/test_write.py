@@ -8,7 +8,7 @@ from apache_beam.testing.util import assert_that
 from paircurate.beam_util import test_pipeline
 from paircurate.schema import new_record
 from paircurate.transforms.write import (RANK_BUCKETS, WriteShards, assign_shards, bucket_offsets,
-                                         rank_bucket, summarise_counts, write_shard, write_tar)
+                                         rank_bucket, summarise_counts, write_shard)
 from paircurate.transforms.read import make_uid
 
 

@@ -29,7 +29,7 @@ import apache_beam as beam
 
 from paircurate.beam_util import ConcurrentRecordFn
 from paircurate.config import FetchConfig
-from paircurate.schema import Status, error_class, is_live, mark
+from paircurate.schema import Status, is_live, mark
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Resolver = Callable[..., Sequence[tuple]]

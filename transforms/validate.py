@@ -1,7 +1,7 @@
 """Validation, the caption prefilter and exact URL+caption dedup of the input list."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import apache_beam as beam
 

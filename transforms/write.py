@@ -19,7 +19,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.schema import LEDGER_COLUMNS, Status, error_class, ledger_row
+from paircurate.schema import error_class, ledger_row
 
 #: Number of hash buckets used to rank kept samples (a bucket holds ~N/this uids).
 RANK_BUCKETS = 1024

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import platform
+import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,7 +44,6 @@ def prepare_output(root: str, overwrite: bool) -> None:
     if stale:
         FileSystems.delete(stale)
     if "://" not in root:
-        import os
         os.makedirs(root, exist_ok=True)
 
 
@@ -142,30 +143,36 @@ def stage_timings(result) -> Dict[str, Dict[str, float]]:
             entry["records"] += records
     for name, entry in stages.items():
         if name == "clip":
-            entry["records"] = _counter_sum(result, "num_inferences")
+            entry["records"] = counter_total(result, "num_inferences") or 0
         entry["busy_s"] = round(entry["busy_s"], 3)
         entry["ms_per_record"] = round(1000 * entry["busy_s"] / entry["records"], 3) if entry["records"] else None
     return stages
 
 
-def _counter_sum(result, name: str) -> int:
+def counter_total(result, name: str, namespace: Optional[str] = None) -> Optional[int]:
+    """A Beam counter summed over the steps that use it; None where the runner reports no metrics."""
     from apache_beam.metrics.metric import MetricsFilter
 
+    query = MetricsFilter().with_name(name)
+    if namespace:
+        query = query.with_namespace(namespace)
     try:
-        counters = result.metrics().query(MetricsFilter().with_name(name))["counters"]
-    except Exception:
-        return 0
-    return int(sum((c.committed or c.attempted or 0) for c in counters))
-
-
-def _rows_read(result) -> Optional[int]:
-    try:
-        from apache_beam.metrics.metric import MetricsFilter
-
-        query = result.metrics().query(MetricsFilter().with_namespace("read").with_name("rows"))
-        return int(sum(c.committed or c.attempted or 0 for c in query["counters"]))
+        counters = result.metrics().query(query)["counters"]
     except Exception:  # some runners report no metrics
         return None
+    return int(sum(c.committed or c.attempted or 0 for c in counters))
+
+
+def input_rows(result) -> Optional[int]:
+    """Input rows the readers emitted (the "read/rows" counter), to check the ledger against."""
+    return counter_total(result, "rows", "read")
+
+
+def wait_until_done(result) -> None:
+    """Wait for the pipeline; a run that did not end DONE is an error, and nothing is marked finished."""
+    state = result.wait_until_finish()
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
 
 
 def run_pipeline(input_pattern: str, output_root: str, config: Config,
@@ -183,22 +190,25 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     result = pipeline.run()
     if dry_run:  # Dataflow's --dry_run builds the job and submits nothing
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
-    state = result.wait_until_finish()
-    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-        raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
-    return finalise(layout, config, started, _rows_read(result), stage_timings(result))
+    wait_until_done(result)
+    return finalise(layout, config, started, input_rows(result), {"stages": stage_timings(result)})
 
 
-def finalise(layout: OutputLayout, config: Config, started: float,
-             rows_read: Optional[int], stages: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Turn the pipeline's work files into stats.json and manifest.json, then mark success."""
+def finalise(layout: OutputLayout, config: Config, started: float, rows_read: Optional[int],
+             extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Turn the pipeline's work files into stats.json and manifest.json, then mark success.
+
+    ``extra`` is merged into stats.json (before the report is drawn and
+    _SUCCESS is written, so nothing is rewritten after the run is finished).
+    """
     counts = read_json(FileSystems.join(layout.work, "counts.json"))
-    manifest = read_json(FileSystems.join(layout.work, "manifest.json"))
-    stats = build_stats(counts, manifest, config, started, time.time(), rows_read)
-    stats["stages"] = stages or {}
     if rows_read is not None and rows_read != counts["rows"]:
         raise RunError(f"ledger has {counts['rows']} rows for {rows_read} input rows: "
                        "records were lost; the output is not marked finished")
+    manifest = read_json(FileSystems.join(layout.work, "manifest.json"))
+    stats = build_stats(counts, manifest, config, started, time.time(), rows_read)
+    stats["stages"] = {}
+    stats.update(extra or {})
     write_json(layout.file("manifest.json"), manifest)
     write_json(layout.file("stats.json"), stats)
     if config.output.report:
@@ -218,7 +228,7 @@ def finalise(layout: OutputLayout, config: Config, started: float,
 
 # --- nightly incremental runs -------------------------------------------------
 
-_RUN_ID = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def run_dir(root: str, run_id: str) -> str:

@@ -140,8 +140,8 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
               extra_args: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Rescore WebDataset shards; write the ledger (and kept shards if a filter is set); return stats."""
     from paircurate.graph import OutputLayout
-    from paircurate.run import beam_options, finalise, prepare_output
-    from paircurate.transforms.clip import ScoreAndFilter, model_description
+    from paircurate.run import beam_options, finalise, input_rows, prepare_output, wait_until_done
+    from paircurate.transforms.clip import ScoreAndFilter
     from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards, write_json
 
     if not config.clip.enabled:
@@ -174,18 +174,11 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
             lambda _: write_json(manifest_path, []))
     records | "Ledger" >> WriteLedger(layout.metadata, layout.work, pa.schema([]))
     result = pipeline.run()
-    state = result.wait_until_finish()
-    from paircurate.run import RunError, _rows_read
-    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
-        raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
-    stats = finalise(layout, config, started, _rows_read(result))
-    stats["clip_model"] = model_description(clip)
-    stats["rescored_from"] = input_glob
-    stats["input_shards"] = len(paths)
-    stats["clip_threshold"] = (clip.min_score if clip.min_score is not None
-                               else _ledger_threshold(layout.metadata) if filtering else None)
-    write_json(layout.file("stats.json"), stats)
-    return stats
+    wait_until_done(result)
+    threshold = (clip.min_score if clip.min_score is not None
+                 else _ledger_threshold(layout.metadata) if filtering else None)
+    return finalise(layout, config, started, input_rows(result),
+                    {"rescored_from": input_glob, "input_shards": len(paths), "clip_threshold": threshold})
 
 
 def _ledger_threshold(metadata_dir: str) -> Optional[float]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import List
 
 import apache_beam as beam
 import pyarrow as pa
@@ -12,7 +12,7 @@ from paircurate.config import Config
 from paircurate.schema import is_live
 from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
 from paircurate.transforms.validate import ValidateAndFilter
-from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards
+from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards, write_json
 
 
 @dataclass
@@ -54,13 +54,9 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
     return InputPlan(tasks, carried, has_captions)
 
 
-def _drop_bytes(record: Dict[str, Any]) -> Dict[str, Any]:
-    record["raw"] = None
-    return record
-
-
 def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout) -> None:
     """read -> validate -> prefilter -> fetch -> decode/resize -> dedup -> clip -> write."""
+    from paircurate.transforms.dedup import DeduplicateImages
     from paircurate.transforms.fetch import FetchImages
     from paircurate.transforms.resize import DecodeAndResize
 
@@ -69,19 +65,30 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
                | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions)
                | "Fetch" >> FetchImages(config.fetch)
                | "Decode" >> DecodeAndResize(config.image))
-    if config.dedup.enabled:
-        from paircurate.transforms.dedup import DeduplicateImages
-        records = records | "Dedup" >> DeduplicateImages(config.dedup)
-    records = records | "DropRaw" >> beam.Map(_drop_bytes)
+    # Dedup frees the original bytes of every record it emits (disabled, it only does that).
+    records = records | "Dedup" >> DeduplicateImages(config.dedup)
     if config.clip.enabled:
         from paircurate.transforms.clip import ScoreAndFilter
         records = records | "Clip" >> ScoreAndFilter(config.clip, layout.root)
+    write_outputs(records, layout, config.output.samples_per_shard, plan.carried)
 
-    kept, rejected = records | "SplitKept" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
-    carried_names = [f.name for f in plan.carried]
-    written, manifest = kept | "Shards" >> WriteShards(layout.shards, config.output.samples_per_shard,
-                                                       carried_names)
-    manifest | "Manifest" >> WriteManifest(FileSystems.join(layout.work, "manifest.json"))
-    ((written, rejected)
-     | "AllRecords" >> beam.Flatten()
-     | "Ledger" >> WriteLedger(layout.metadata, layout.work, plan.carried))
+
+def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried: pa.Schema,
+                  write_shards: bool = True) -> None:
+    """Live records -> shards; every record -> the ledger; plus the manifest and counts work files.
+
+    Without ``write_shards`` (rescoring without a filter: the input shards stay
+    the data) no shards are written and the manifest is empty.
+    """
+    manifest_path = FileSystems.join(layout.work, "manifest.json")
+    if write_shards:
+        kept, rejected = records | "SplitKept" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
+        written, manifest = kept | "Shards" >> WriteShards(layout.shards, samples_per_shard,
+                                                           [f.name for f in carried])
+        manifest | "Manifest" >> WriteManifest(manifest_path)
+        records = (written, rejected) | "AllRecords" >> beam.Flatten()
+    else:
+        (records.pipeline
+         | "NoShards" >> beam.Create([None])
+         | "EmptyManifest" >> beam.Map(lambda _: write_json(manifest_path, [])))
+    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, carried)

@@ -674,7 +674,7 @@ def render_html(root: str, stats: Mapping[str, Any], summary: LedgerSummary, det
         threshold, label = clip_threshold(clip_config, summary.lowest_kept_score)
         plot = score_histogram_png(details.edges, details.hist, threshold, label) if has_mpl else None
         n_filtered = by_status.get("clip_filtered", 0)
-        section = [f'<section id="clip"><h2>CLIP scores</h2>',
+        section = ['<section id="clip"><h2>CLIP scores</h2>',
                    f'<p class="note">{_int(summary.scored)} pairs scored '
                    f'(<span id="clip-scored" data-value="{summary.scored}"></span>'
                    f'min {_score(summary.score_min)}, max {_score(summary.score_max)}); threshold: '

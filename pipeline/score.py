@@ -139,10 +139,9 @@ def match_inputs(input_glob: str) -> List[str]:
 def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool = False,
               extra_args: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Rescore WebDataset shards; write the ledger (and kept shards if a filter is set); return stats."""
-    from paircurate.graph import OutputLayout
+    from paircurate.graph import OutputLayout, write_outputs
     from paircurate.run import beam_options, finalise, input_rows, prepare_output, wait_until_done
     from paircurate.transforms.clip import ScoreAndFilter
-    from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards, write_json
 
     if not config.clip.enabled:
         raise ConfigError("paircurate score needs clip.enabled: true (it only scores)")
@@ -154,25 +153,15 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
     prepare_output(output_dir, overwrite)
     started = time.time()
     from paircurate.beam_util import make_pipeline
-    from paircurate.schema import is_live
 
     pipeline = make_pipeline(config.runner.runner, beam_options(config, extra_args))
     records = (pipeline
-               | "Shards" >> beam.Create(paths)
+               | "ShardPaths" >> beam.Create(paths)
                | "Spread" >> beam.Reshuffle()
                | "ReadShard" >> beam.ParDo(_ReadShard())
                | "Clip" >> stage)
-    manifest_path = FileSystems.join(layout.work, "manifest.json")
-    if filtering:
-        kept, rejected = records | "SplitKept" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
-        written, manifest = kept | "WriteShards" >> WriteShards(
-            layout.shards, config.output.samples_per_shard, [])
-        manifest | "Manifest" >> WriteManifest(manifest_path)
-        records = (written, rejected) | "AllRecords" >> beam.Flatten()
-    else:
-        pipeline | "NoShards" >> beam.Create([None]) | "EmptyManifest" >> beam.Map(
-            lambda _: write_json(manifest_path, []))
-    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, pa.schema([]))
+    write_outputs(records, layout, config.output.samples_per_shard, pa.schema([]),
+                  write_shards=filtering)
     result = pipeline.run()
     wait_until_done(result)
     threshold = (clip.min_score if clip.min_score is not None

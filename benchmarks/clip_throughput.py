@@ -74,7 +74,7 @@ def write_shards(folder: str, n: int, per_shard: int = 10000, threads: int = 0) 
 
 
 def read_pairs(paths: Sequence[str]) -> Tuple[List[bytes], List[str]]:
-    from paircurate.score import iter_samples
+    from paircurate.transforms.write import iter_samples
 
     images, captions = [], []
     for path in paths:

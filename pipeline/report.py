@@ -25,7 +25,6 @@ import html
 import io
 import json
 import math
-import tarfile
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
@@ -35,6 +34,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.schema import STATUS_ORDER
+from paircurate.transforms.write import IMAGE_EXTENSIONS, iter_shard, read_json
 
 REPORT_NAME = "report.html"
 #: Stage that gives each status, in STATUS_ORDER (the funnel's rows).
@@ -159,35 +159,12 @@ def read_stats(root: str) -> Dict[str, Any]:
     path = _join(root, "stats.json")
     if not FileSystems.exists(path):
         raise ReportError(f"{root} has no stats.json: not a finished paircurate output")
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+    return read_json(path)
 
 
 def shard_files(root: str) -> List[str]:
     matched = FileSystems.match([_join(root, "shards", "*.tar")])[0].metadata_list
     return sorted(m.path for m in matched)
-
-
-def iter_shard_samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, streaming a WebDataset tar (members grouped by key)."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        with tarfile.open(fileobj=handle, mode="r|") as tar:
-            key, sample = None, {}
-            for member in tar:
-                if not member.isfile() or "." not in member.name:
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                this_key, ext = name.split(".", 1)
-                if this_key != key and sample:
-                    yield key, sample
-                    sample = {}
-                key = this_key
-                sample[ext] = tar.extractfile(member).read()
-            if sample:
-                yield key, sample
-
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def sample_from_members(key: str, members: Mapping[str, bytes]) -> Dict[str, Any]:
@@ -221,7 +198,7 @@ def read_samples(root: str, kept: int = KEPT_SAMPLES, wanted: Mapping[str, str] 
         keys = pending.get(name, set())
         if not keys and len(first) >= kept:
             break
-        for key, members in iter_shard_samples(by_name[name]):
+        for key, members in iter_shard(by_name[name]):
             if len(first) < kept:
                 first.append(sample_from_members(key, members))
             if key in keys:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tarfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -23,39 +21,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config, ConfigError
 from paircurate.schema import LEDGER_FIELDS, Status, mark, new_record
+from paircurate.transforms.write import IMAGE_EXTENSIONS, iter_shard
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Ledger fields a sample's json may supply (the rest are this command's to fill).
 COPIED_FIELDS = {f.name: f.type for f in LEDGER_FIELDS
                  if f.name not in ("uid", "status", "error", "clip_score", "shard", "key", "source",
                                    "position", "caption")}
-
-
-def split_member(name: str) -> Tuple[str, str]:
-    """WebDataset naming: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the key ends at the basename's first dot."""
-    folder, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (os.path.join(folder, stem) if folder else stem), ext.lower()
-
-
-def iter_samples(handle) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream (members of a key are adjacent)."""
-    current: Optional[str] = None
-    members: Dict[str, bytes] = {}
-    with tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, ext = split_member(info.name)
-            if not ext or os.path.basename(key).startswith("."):
-                continue  # no extension, or a hidden file: not part of a sample
-            if key != current:
-                if current is not None:
-                    yield current, members
-                current, members = key, {}
-            members[ext] = tar.extractfile(info).read()
-    if current is not None:
-        yield current, members
 
 
 def derived_uid(key: str) -> str:
@@ -114,10 +85,9 @@ def sample_record(key: str, members: Dict[str, bytes], source: str, position: in
 
 class _ReadShard(beam.DoFn):
     def process(self, path: str):
-        with FileSystems.open(path) as handle:
-            for position, (key, members) in enumerate(iter_samples(handle)):
-                beam.metrics.Metrics.counter("read", "rows").inc()
-                yield sample_record(key, members, path, position)
+        for position, (key, members) in enumerate(iter_shard(path)):
+            beam.metrics.Metrics.counter("read", "rows").inc()
+            yield sample_record(key, members, path, position)
 
 
 def match_inputs(input_glob: str) -> List[str]:
@@ -186,4 +156,4 @@ def _ledger_threshold(metadata_dir: str) -> Optional[float]:
     return lowest
 
 
-__all__ = ["run_score", "iter_samples", "sample_record", "derived_uid", "split_member"]
+__all__ = ["run_score", "sample_record", "derived_uid"]

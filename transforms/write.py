@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -72,6 +73,43 @@ def sample_members(record: Mapping[str, Any], carried: Sequence[str]) -> List[Tu
     return [(f"{key}.{ext}", record["image"]),
             (f"{key}.json", sample_json(record, carried)),
             (f"{key}.txt", (record.get("caption") or "").encode("utf-8"))]
+
+
+#: Image members a sample may have, in the order a reader prefers them.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def split_member(name: str) -> Tuple[str, str]:
+    """WebDataset naming: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the key ends at the basename's first dot."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), ext.lower()
+
+
+def iter_samples(handle) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a tar stream (members of a key are adjacent)."""
+    current: Optional[str] = None
+    members: Dict[str, bytes] = {}
+    with tarfile.open(fileobj=handle, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_member(info.name)
+            if not ext or os.path.basename(key).startswith("."):
+                continue  # no extension, or a hidden file: not part of a sample
+            if key != current:
+                if current is not None:
+                    yield current, members
+                current, members = key, {}
+            members[ext] = tar.extractfile(info).read()
+    if current is not None:
+        yield current, members
+
+
+def iter_shard(path: str) -> Iterator[Tuple[str, Dict[str, bytes]]]:
+    """iter_samples over a shard file (local, gs://, s3://; plain or gzip-compressed tar)."""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        yield from iter_samples(handle)
 
 
 class _HashingWriter(io.RawIOBase):

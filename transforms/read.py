@@ -180,8 +180,10 @@ def iter_rows(task: ReadTask) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(position, row) of every input row in a task."""
     if task.fmt == "parquet":
         with FileSystems.open(task.path) as handle:
-            table = pq.ParquetFile(handle).read_row_group(task.start)
-        base = _row_group_offset(task)
+            parquet = pq.ParquetFile(handle)
+            table = parquet.read_row_group(task.start)
+            # The group's first row number, from the footer already read: positions are file-global.
+            base = sum(parquet.metadata.row_group(g).num_rows for g in range(task.start))
         for i, row in enumerate(table.to_pylist()):
             yield base + i, row
     elif task.fmt == "csv":
@@ -228,12 +230,6 @@ def _zip_row(columns: Sequence[str], values: Sequence[str]) -> Dict[str, Any]:
     if len(values) != len(columns):
         row["__invalid__"] = f"expected {len(columns)} fields, got {len(values)}"
     return row
-
-
-def _row_group_offset(task: ReadTask) -> int:
-    with FileSystems.open(task.path) as handle:
-        meta = pq.ParquetFile(handle).metadata
-    return sum(meta.row_group(g).num_rows for g in range(task.start))
 
 
 def make_uid(source: str, position: int, url: Any, caption: Any) -> str:

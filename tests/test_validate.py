@@ -56,3 +56,33 @@ def test_beam_validate_and_dedup_counts():
                             (3, "invalid_input"), (4, "caption_filtered")]
     with test_pipeline() as p:
         assert_that(p | beam.Create(records) | ValidateAndFilter(FilterConfig()), check)
+
+
+def test_non_string_url_or_caption_is_invalid_and_fits_the_ledger():
+    """A bad type must not break the ledger's string columns: the value is kept as its JSON text."""
+    import pyarrow as pa
+
+    from paircurate.schema import ledger_row, ledger_schema
+
+    cases = [(rec(42), "url: not a string (int)", "42", "a fine caption"),
+             (rec(["http://h/a", "http://h/b"]), "url: not a string (list)", '["http://h/a", "http://h/b"]',
+              "a fine caption"),
+             (rec("http://h", caption=["a", 1]), "caption: not a string (list)", "http://h", '["a", 1]'),
+             (rec(None, caption={"k": 2}), "url: missing", None, '{"k": 2}'),
+             (rec(b"http://h", caption=7), "url: not a string (bytes)", "b'http://h'", "7")]
+    rows = []
+    for record, error, url, caption in cases:
+        out = validate(record)
+        assert (out["status"], out["error"], out["url"], out["caption"]) == \
+            ("invalid_input", error, url, caption)
+        rows.append(ledger_row(out, []))
+    assert pa.Table.from_pylist(rows, schema=ledger_schema()).num_rows == len(cases)
+
+
+def test_url_without_scheme_is_invalid_input():
+    for url in ("notaurl", "www.example.com/a.jpg", "//example.com/a.jpg", "/a/b.jpg"):
+        out = validate(rec(url))
+        assert (out["status"], out["error"]) == ("invalid_input", "url: no scheme"), url
+    # Schemes other than http(s) are left to the fetch stage, which blocks them (blocked_address).
+    for url in ("file:///etc/passwd", "ftp://h/a.jpg", "javascript:alert(1)", "http://h/a.jpg"):
+        assert validate(rec(url))["status"] == "ok", url

@@ -1,7 +1,9 @@
 """Validation, the caption prefilter and exact URL+caption dedup of the input list."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Tuple
+import json
+import urllib.parse
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import apache_beam as beam
 
@@ -10,23 +12,51 @@ from paircurate.schema import Status, is_live, mark
 
 
 def validate(record: Dict[str, Any]) -> Dict[str, Any]:
-    """Missing or empty URL, non-string fields, unparsable rows -> invalid_input."""
+    """Missing or empty URL, non-string fields, URLs without a scheme, unparsable rows -> invalid_input."""
     if not is_live(record):
         return record
+    problem = input_problem(record)
+    if problem:
+        # The ledger's url and caption columns are strings: a value of another type is
+        # kept as its JSON text, so the row stays visible and the ledger stays writable.
+        record["url"], record["caption"] = as_text(record.get("url")), as_text(record.get("caption"))
+        return mark(record, Status.INVALID_INPUT, problem)
+    record["url"] = record["url"].strip()
+    return record
+
+
+def input_problem(record: Dict[str, Any]) -> Optional[str]:
+    """What makes an input row unusable ("field: problem"), or None."""
     problem = (record.get("extra") or {}).pop("__invalid__", None)
     url, caption = record.get("url"), record.get("caption")
     if problem:
-        return mark(record, Status.INVALID_INPUT, f"row: {problem}")
+        return f"row: {problem}"
     if url is None:
-        return mark(record, Status.INVALID_INPUT, "url: missing")
+        return "url: missing"
     if not isinstance(url, str):
-        return mark(record, Status.INVALID_INPUT, f"url: not a string ({type(url).__name__})")
+        return f"url: not a string ({type(url).__name__})"
     if not url.strip():
-        return mark(record, Status.INVALID_INPUT, "url: empty")
+        return "url: empty"
     if caption is not None and not isinstance(caption, str):
-        return mark(record, Status.INVALID_INPUT, f"caption: not a string ({type(caption).__name__})")
-    record["url"] = url.strip()
-    return record
+        return f"caption: not a string ({type(caption).__name__})"
+    try:
+        scheme = urllib.parse.urlsplit(url.strip()).scheme
+    except ValueError:
+        scheme = "?"  # malformed after the scheme: the fetch stage names the problem
+    if not scheme:
+        return "url: no scheme"
+    # Schemes other than http(s) are the fetch stage's to refuse (blocked_address).
+    return None
+
+
+def as_text(value: Any) -> Optional[str]:
+    """A ledger string for any input value: strings as they are, others as JSON text (or str())."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError):  # bytes, dates, ... from Parquet
+        return str(value)
 
 
 def prefilter_caption(record: Dict[str, Any], config: FilterConfig,

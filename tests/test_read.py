@@ -235,6 +235,10 @@ def test_csv_unbalanced_quote_loses_no_row(tmp_path):
     assert problems(read_all(str(tmp_path / "pair.csv"))) == [
         ("http://h/0", None), ("http://h/bad", "unbalanced quote (line 3)"), ("http://h/1", None),
         ("http://h/bad2", None), ("http://h/2", None)]
+    # The last line opens a quote: csv hands back its record at the end of the file.
+    (tmp_path / "last.csv").write_text("url,caption\n" + good[0] + 'http://h/bad,"open at the end\n')
+    assert problems(read_all(str(tmp_path / "last.csv"))) == [
+        ("http://h/0", None), ("http://h/bad", "unbalanced quote (line 3)")]
     # A quoted caption that legitimately spans lines is one row.
     (tmp_path / "multi.csv").write_text('url,caption\nhttp://h/1,"two\nlines"\n' + good[2])
     assert [(r["url"], r["caption"]) for r in read_all(str(tmp_path / "multi.csv"))] == \

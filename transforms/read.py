@@ -271,6 +271,7 @@ class _Lines:
     def __init__(self, handle):
         self._handle = handle
         self.number = 0
+        self.at_end = False
         self.taken: List[Tuple[int, str, bool]] = []  # (line number, text, is UTF-8)
 
     def __iter__(self):
@@ -279,6 +280,7 @@ class _Lines:
     def __next__(self) -> str:
         raw = self._handle.readline()
         if not raw:
+            self.at_end = True
             raise StopIteration
         if self.number == 0 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]
@@ -327,9 +329,13 @@ def _parses_strictly(lines: Sequence[str], delimiter: str) -> bool:
 CsvRecord = Tuple[int, Optional[List[str]], Optional[str]]  # (line number, fields, problem)
 
 
-def _one_line(number: int, text: str, utf8: bool, delimiter: str,
-              fields: Optional[List[str]] = None, error: Optional[csv.Error] = None) -> List[CsvRecord]:
-    """The record of one physical line: fields (None if unparsable) and its problem, if any."""
+def _one_line(number: int, text: str, utf8: bool, delimiter: str, fields: Optional[List[str]] = None,
+              error: Optional[csv.Error] = None, may_be_open: bool = True) -> List[CsvRecord]:
+    """The record of one physical line: fields (None if unparsable) and its problem, if any.
+
+    ``may_be_open`` False skips the quote scan: csv.reader ends a record on a
+    line end inside quotes only when the file ends there.
+    """
     if fields is None and error is None:
         try:
             fields = next(csv.reader([text], delimiter=delimiter), [])
@@ -341,7 +347,7 @@ def _one_line(number: int, text: str, utf8: bool, delimiter: str,
     if not fields:
         return []  # a blank line
     fields = fields if utf8 else [_visible(f) for f in fields]
-    if ends_inside_quotes(text, delimiter):
+    if may_be_open and ends_inside_quotes(text, delimiter):
         return [(number, fields, f"unbalanced quote (line {number})")]
     return [(number, fields, None if utf8 else "not UTF-8")]
 
@@ -373,7 +379,7 @@ def iter_csv_records(handle, delimiter: str = ",") -> Iterator[CsvRecord]:
         if width is None and fields:
             width = len(fields)
         if len(taken) == 1:
-            yield from _one_line(*taken[0], delimiter, fields, error)
+            yield from _one_line(*taken[0], delimiter, fields, error, may_be_open=lines.at_end)
             continue
         texts = [text for _, text, _ in taken]
         whole = (error is None and fields is not None and (width is None or len(fields) == width)

@@ -314,3 +314,9 @@ def test_jsonl_surrogate_in_a_key_is_named(tmp_path):
     (record,) = read_all(str(tmp_path / "a.jsonl"))
     assert record["extra"]["__invalid__"].startswith("'k\\\\ud801' holds a lone surrogate")
     assert encodable(record)
+
+
+def test_bare_cr_line_ends_are_refused_not_read_as_one_header(tmp_path):
+    (tmp_path / "mac.csv").write_bytes(b"url,caption\rhttp://h/1,a caption\rhttp://h/2,a caption\r")
+    with pytest.raises(InputError, match=r"mac\.csv.*bare CR"):
+        plan_reads(str(tmp_path / "mac.csv"), InputConfig())

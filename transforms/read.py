@@ -240,6 +240,9 @@ def header_of(path: str, fmt: str, compressed: bool) -> List[str]:
         raise InputError(f"{path}: the header (first line) is not UTF-8 text") from None
     except _GZIP_ERRORS as exc:
         raise InputError(f"{path} cannot be read: {exc}") from None
+    if "\r" in first.rstrip("\r\n"):
+        # Old Mac line ends: lines are split on LF only, so the whole file would be one header.
+        raise InputError(f"{path}: lines end in a bare CR; convert the file to LF or CRLF line ends")
     delimiter = "\t" if fmt == "tsv" else ","
     try:
         return next(csv.reader([first], delimiter=delimiter), [])

@@ -303,7 +303,7 @@ class Bounds:
         low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
         high = None if self.high is None else f"at most {self.high:g}"
         text = " and ".join(t for t in (low, high) if t) or "a number"
-        return text + (" (inf allowed)" if self.allow_inf else ", finite")
+        return text + (" (inf allowed)" if self.allow_inf else "")
 
 
 POSITIVE = Bounds(0, low_open=True)   # seconds, sizes: 0 makes no sense
@@ -370,7 +370,8 @@ def check_ranges(config: Config) -> None:
     for key, bounds in RANGES.items():
         value = _value(config, key)
         if value is not None and not bounds.allows(value):
-            raise ConfigError(f"{key}={value!r} is out of range: must be {bounds.describe()}")
+            finite = "" if math.isfinite(value) else ", a finite number"
+            raise ConfigError(f"{key}={value!r} is out of range: must be {bounds.describe()}{finite}")
     for key, choices in CHOICES.items():
         value = _value(config, key)
         if value not in choices:

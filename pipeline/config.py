@@ -51,6 +51,9 @@ class FetchConfig:
     connect_timeout: float = 10.0
     # Limit for the whole response (headers and body), not per read.
     timeout: float = 30.0
+    # Limit for everything one URL may take: every attempt, redirect hop, backoff and
+    # Retry-After wait (None: 3 x timeout).  Past it the row is fetch_failed "timeout: deadline".
+    url_deadline: Optional[float] = None
     retries: int = 2
     backoff_base: float = 0.5
     backoff_max: float = 8.0
@@ -279,32 +282,123 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return config
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed values of one numeric key: ``low <= value <= high`` (``low < value`` when
+    ``low_open``); infinity only where ``allow_inf`` (NaN never)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    allow_inf: bool = False
+
+    def allows(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
+        high = None if self.high is None else f"at most {self.high:g}"
+        text = " and ".join(t for t in (low, high) if t) or "a number"
+        return text + (" (inf allowed)" if self.allow_inf else "")
+
+
+POSITIVE = Bounds(0, low_open=True)   # seconds, sizes: 0 makes no sense
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+
+#: Every numeric key and its allowed values (tests check that none is missing).  An unset
+#: Optional key (None) is not checked.
+RANGES: Dict[str, Bounds] = {
+    "input.split_bytes": AT_LEAST_ONE,
+    "filter.min_caption_length": NON_NEGATIVE,
+    "filter.max_caption_length": AT_LEAST_ONE,
+    "fetch.threads": AT_LEAST_ONE,
+    "fetch.connect_timeout": POSITIVE,
+    "fetch.timeout": POSITIVE,
+    "fetch.url_deadline": POSITIVE,
+    "fetch.retries": NON_NEGATIVE,
+    "fetch.backoff_base": NON_NEGATIVE,
+    "fetch.backoff_max": NON_NEGATIVE,
+    "fetch.retry_after_max": NON_NEGATIVE,
+    "fetch.max_bytes": AT_LEAST_ONE,
+    "fetch.max_redirects": NON_NEGATIVE,
+    "fetch.per_host_concurrency": AT_LEAST_ONE,
+    "image.image_size": Bounds(1, 65535),          # JPEG's largest side
+    "image.encode_quality": Bounds(0, 100),        # PNG: 0-9, checked below
+    "image.min_image_size": NON_NEGATIVE,
+    "image.max_aspect_ratio": Bounds(1, allow_inf=True),  # larger side / smaller side
+    "image.max_image_pixels": AT_LEAST_ONE,
+    "image.threads": NON_NEGATIVE,                 # 0: one per CPU core
+    "dedup.hash_size": Bounds(2, 32),              # imagehash needs 2+; near search 8 at most
+    "dedup.max_distance": NON_NEGATIVE,            # at most the hash's bits, checked below
+    "dedup.min_information": Bounds(0),
+    "dedup.max_bucket_comparisons": AT_LEAST_ONE,
+    "dedup.blocks": NON_NEGATIVE,                  # 0: automatic; else above max_distance
+    "dedup.partitions": AT_LEAST_ONE,
+    "dedup.key_batch": AT_LEAST_ONE,
+    "dedup.cluster_rounds": AT_LEAST_ONE,
+    "clip.batch_size": AT_LEAST_ONE,
+    "clip.min_score": Bounds(-1, 1),               # a cosine similarity
+    "clip.keep_fraction": Bounds(0, 1, low_open=True),
+    "clip.preprocess_threads": NON_NEGATIVE,       # 0: one per CPU core
+    "output.samples_per_shard": AT_LEAST_ONE,
+    "runner.direct_num_workers": NON_NEGATIVE,     # 0: one per CPU core (Beam)
+}
+
+#: Every key with a fixed set of values.
+CHOICES: Dict[str, Sequence[str]] = {
+    "input.format": ("auto", "parquet", "csv", "tsv", "jsonl", "txt"),
+    "image.resize_mode": ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"),
+    "image.encode_format": ("jpg", "png", "webp"),
+    "dedup.hash": ("phash", "dhash", "ahash", "whash"),
+    "clip.precision": ("auto", "fp32", "fp16", "bf16"),
+    "runner.direct_running_mode": ("in_memory", "multi_threading", "multi_processing"),
+}
+
+
+def _value(config: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(config, section), name)
+
+
+def check_ranges(config: Config) -> None:
+    """Refuse a numeric value outside its declared range or a value outside its choices."""
+    for key, bounds in RANGES.items():
+        value = _value(config, key)
+        if value is not None and not bounds.allows(value):
+            finite = "" if math.isfinite(value) else ", a finite number"
+            raise ConfigError(f"{key}={value!r} is out of range: must be {bounds.describe()}{finite}")
+    for key, choices in CHOICES.items():
+        value = _value(config, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: must be one of " + ", ".join(choices))
+    device = config.clip.device
+    if not (device in ("auto", "cpu", "cuda")
+            or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"clip.device={device!r}: must be auto, cpu, cuda or cuda:N")
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if config.output.samples_per_shard < 1:
-        raise ConfigError("output.samples_per_shard must be at least 1")
-    if config.fetch.threads < 1:
-        raise ConfigError("fetch.threads must be at least 1")
-    if config.input.format not in ("auto", "parquet", "csv", "tsv", "jsonl", "txt"):
-        raise ConfigError("input.format must be one of auto, parquet, csv, tsv, jsonl, txt")
-    modes = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
-    if config.image.resize_mode not in modes:
-        raise ConfigError("image.resize_mode must be one of " + ", ".join(modes))
-    if config.image.encode_format not in ("jpg", "png", "webp"):
-        raise ConfigError("image.encode_format must be one of jpg, png, webp")
+    """Ranges and choices of single keys, then the checks that involve several keys."""
+    check_ranges(config)
+    if config.filter.min_caption_length > config.filter.max_caption_length:
+        raise ConfigError("filter.min_caption_length must not exceed filter.max_caption_length")
     if config.image.encode_format == "png" and not 0 <= config.image.encode_quality <= 9:
         raise ConfigError("with image.encode_format png, image.encode_quality is the PNG "
                           "compression level and must be 0-9")
-    if config.image.encode_format != "png" and not 0 <= config.image.encode_quality <= 100:
-        raise ConfigError("image.encode_quality must be 0-100")
     clip = config.clip
     if clip.min_score is not None and clip.keep_fraction is not None:
         raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
-    if clip.keep_fraction is not None and not 0.0 < clip.keep_fraction <= 1.0:
-        raise ConfigError("clip.keep_fraction must be in (0, 1]")
-    if config.dedup.near and config.dedup.hash_size > 8:
+    dedup = config.dedup
+    if dedup.near and dedup.hash_size > 8:
         raise ConfigError("dedup.hash_size must be at most 8 (64-bit hashes) for near-duplicate search")
-    if config.dedup.hash not in ("phash", "dhash", "ahash", "whash"):
-        raise ConfigError("dedup.hash must be one of phash, dhash, ahash, whash")
-    if not 0 <= config.dedup.max_distance <= config.dedup.hash_size ** 2:
-        raise ConfigError("dedup.max_distance must be between 0 and the hash's bit count")
+    bits = dedup.hash_size ** 2
+    if not 0 <= dedup.max_distance <= bits:
+        raise ConfigError(f"dedup.max_distance must be between 0 and the hash's bit count ({bits})")
+    if dedup.blocks and not dedup.max_distance < dedup.blocks <= bits:
+        raise ConfigError(f"dedup.blocks must be 0 (automatic) or above dedup.max_distance "
+                          f"({dedup.max_distance}) and at most the hash's bit count ({bits})")

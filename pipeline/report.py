@@ -25,6 +25,9 @@ import html
 import io
 import json
 import math
+import re
+import tarfile
+import zlib
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
@@ -134,32 +137,62 @@ def ledger_files(root: str) -> List[str]:
     return files
 
 
+#: What reading a damaged Parquet file or tar raises (pyarrow's errors are ArrowException,
+#: ValueError or OSError; gzip's BadGzipFile is an OSError).
+_DAMAGED = (pa.ArrowException, ValueError, OSError, EOFError, tarfile.TarError, zlib.error)
+
+
+def _unreadable(path: str, what: str, exc: BaseException) -> ReportError:
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ReportError(f"{path}: not a readable {what} ({printable(detail)[:200]})")
+
+
 def ledger_schema(root: str) -> pa.Schema:
-    with FileSystems.open(ledger_files(root)[0], compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.ParquetFile(handle).schema_arrow
+    path = ledger_files(root)[0]
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return pq.ParquetFile(handle).schema_arrow
+    except _DAMAGED as exc:
+        raise _unreadable(path, "Parquet ledger file", exc) from None
 
 
 def iter_ledger(root: str, columns: Sequence[str], batch_rows: int = BATCH_ROWS
                 ) -> Iterator[pa.Table]:
-    """The ledger as tables of at most ``batch_rows`` rows holding only ``columns``."""
+    """The ledger as tables of at most ``batch_rows`` rows holding only ``columns``.
+
+    A damaged ledger file is a ReportError naming the file."""
     for path in ledger_files(root):
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            present = set(parquet.schema_arrow.names)
-            for batch in parquet.iter_batches(batch_size=batch_rows,
-                                              columns=[c for c in columns if c in present]):
-                table = pa.Table.from_batches([batch])
-                for name in columns:  # a column an older ledger lacks reads as nulls
-                    if name not in present:
-                        table = table.append_column(name, pa.nulls(len(table), pa.string()))
-                yield table
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                parquet = pq.ParquetFile(handle)
+                present = set(parquet.schema_arrow.names)
+                batches = parquet.iter_batches(batch_size=batch_rows,
+                                               columns=[c for c in columns if c in present])
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    table = pa.Table.from_batches([batch])
+                    for name in columns:  # a column an older ledger lacks reads as nulls
+                        if name not in present:
+                            table = table.append_column(name, pa.nulls(len(table), pa.string()))
+                    yield table
+        except _DAMAGED as exc:
+            raise _unreadable(path, "Parquet ledger file", exc) from None
 
 
 def read_stats(root: str) -> Dict[str, Any]:
     path = _join(root, "stats.json")
     if not FileSystems.exists(path):
         raise ReportError(f"{root} has no stats.json: not a finished paircurate output")
-    return read_json(path)
+    try:
+        stats = read_json(path)
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise _unreadable(path, "stats file", exc) from None
+    if not isinstance(stats, dict):
+        raise ReportError(f"{path}: not a readable stats file (expected a JSON object)")
+    return stats
 
 
 def shard_files(root: str) -> List[str]:
@@ -198,14 +231,17 @@ def read_samples(root: str, kept: int = KEPT_SAMPLES, wanted: Mapping[str, str] 
         keys = pending.get(name, set())
         if not keys and len(first) >= kept:
             break
-        for key, members in iter_shard(by_name[name]):
-            if len(first) < kept:
-                first.append(sample_from_members(key, members))
-            if key in keys:
-                found[key] = sample_from_members(key, members)
-                keys.discard(key)
-            if not keys and len(first) >= kept:
-                break
+        try:
+            for key, members in iter_shard(by_name[name]):
+                if len(first) < kept:
+                    first.append(sample_from_members(key, members))
+                if key in keys:
+                    found[key] = sample_from_members(key, members)
+                    keys.discard(key)
+                if not keys and len(first) >= kept:
+                    break
+        except _DAMAGED as exc:
+            raise _unreadable(by_name[name], "shard (tar)", exc) from None
     return first, found
 
 
@@ -798,7 +834,8 @@ def inspect_rows(root: str, statuses: Sequence[str] = (), columns: Sequence[str]
     available = ledger_schema(root).names
     unknown = [c for c in columns if c not in available]
     if unknown:
-        raise ReportError(f"unknown column {', '.join(unknown)}; ledger columns: " + ", ".join(available))
+        raise ReportError(printable(f"unknown column {', '.join(unknown)}; ledger columns: "
+                                    + ", ".join(available)))
     wanted = pa.array(list(statuses), pa.string())
     read = list(dict.fromkeys(list(columns) + ["status"]))
     rows: List[Dict[str, Any]] = []
@@ -813,18 +850,34 @@ def inspect_rows(root: str, statuses: Sequence[str] = (), columns: Sequence[str]
     return rows, matching
 
 
+#: Characters a terminal acts on rather than shows: C0 controls, DEL, C1 controls (ESC and
+#: CSI start escape sequences), bidi marks, embeddings, overrides and isolates (they
+#: reorder what follows), and the Unicode line and paragraph separators.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                                r"\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with terminal control characters shown as escapes (ESC -> \\x1b, RLO -> \\u202e)."""
+    return _TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+        text)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
-    return " ".join(str(value).split())  # newlines and tabs would break the table
+    # Newlines and tabs would break the table; escape sequences would drive the terminal.
+    return printable(" ".join(str(value).split()))
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], max_width: int = 40) -> str:
     """Rows as an aligned text table; cells longer than ``max_width`` end in an ellipsis."""
     cells = [[_clip_text(_cell(row.get(c)), max_width) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    header = [printable(c) for c in columns]  # carried input columns may have any name
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     numeric = [bool(rows) and all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows)
                and any(row.get(c) is not None for row in rows) for c in columns]
 
@@ -832,7 +885,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], max_
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric)).rstrip()
 
-    out = [line(list(columns)), "  ".join("-" * w for w in widths)]
+    out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     return "\n".join(out)
 

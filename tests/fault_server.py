@@ -100,6 +100,7 @@ class FaultHandler(BaseHTTPRequestHandler):
         srv = self.server
         with srv.lock:
             srv.hits[path] += 1
+            srv.times[path].append(time.monotonic())
             srv.user_agents.append(self.headers.get("User-Agent", ""))
             srv.host_headers.append(self.headers.get("Host", ""))
         parts = path.strip("/").split("/")
@@ -135,6 +136,11 @@ class FaultHandler(BaseHTTPRequestHandler):
         elif head == "ratelimit":         # 429 Retry-After: 1 once per key, then the image
             if self._first(path):
                 self._send(429, b"slow down", "text/plain", headers=[("Retry-After", "1")])
+            else:
+                self._send(200, jpeg)
+        elif head == "unavailable":       # 503 Retry-After: ?after= (default 1) once per key, then the image
+            if self._first(path):
+                self._send(503, b"busy", "text/plain", headers=[("Retry-After", query.get("after", "1"))])
             else:
                 self._send(200, jpeg)
         elif head == "ratelimit-long":    # asks for an hour: we give up
@@ -218,6 +224,14 @@ class FaultHandler(BaseHTTPRequestHandler):
                 self._send(200, jpeg)
             else:
                 self._send(302, b"", None, headers=[("Location", f"/redirect/{hops - 1}")])
+        elif head == "slow-redirect":     # /slow-redirect/N?s=S: waits S, then 302 to N-1; 0 is the image
+            hops = int(parts[1])
+            self._wait(float(query.get("s", 0.2)))
+            if hops == 0:
+                self._send(200, jpeg)
+            else:
+                self._send(302, b"", None, headers=[
+                    ("Location", f"/slow-redirect/{hops - 1}?{parsed.query}")])
         elif head == "loop":              # /loop/a <-> /loop/b
             other = "b" if parts[1] == "a" else "a"
             self._send(301, b"", None, headers=[("Location", f"/loop/{other}")])
@@ -265,6 +279,7 @@ class FaultServer:
             self.scheme = "https"
         srv.lock = threading.Lock()
         srv.hits = collections.Counter()
+        srv.times = collections.defaultdict(list)  # path -> server clock (monotonic) of each request
         srv.user_agents = []
         srv.host_headers = []
         srv.stopping = threading.Event()
@@ -291,6 +306,11 @@ class FaultServer:
     def hits(self, path: str) -> int:
         with self._server.lock:
             return self._server.hits[path]
+
+    def times(self, path: str) -> List[float]:
+        """When each request for ``path`` arrived (time.monotonic() on the server's side)."""
+        with self._server.lock:
+            return list(self._server.times[path])
 
     @property
     def state(self) -> _Server:

@@ -63,3 +63,91 @@ def test_yaml_file(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+# --- ranges and choices ------------------------------------------------------
+
+@pytest.mark.parametrize("override", [
+    "image.image_size=0", "image.image_size=-5", "fetch.timeout=-1", "fetch.timeout=0",
+    "fetch.connect_timeout=-2", "fetch.url_deadline=0", "fetch.timeout=.nan", "fetch.timeout=inf",
+    "fetch.max_bytes=0", "fetch.retries=-1", "fetch.max_redirects=-1", "fetch.backoff_base=-0.5",
+    "fetch.retry_after_max=-1", "fetch.per_host_concurrency=0", "fetch.threads=0",
+    "input.split_bytes=0", "filter.min_caption_length=-1", "image.encode_quality=101",
+    "image.max_aspect_ratio=0.5", "image.max_image_pixels=0", "image.threads=-1",
+    "dedup.hash_size=1", "dedup.min_information=-1", "dedup.partitions=0", "dedup.cluster_rounds=0",
+    "clip.batch_size=0", "clip.min_score=2", "clip.keep_fraction=0", "clip.keep_fraction=1.5",
+    "output.samples_per_shard=0", "runner.direct_num_workers=-1",
+])
+def test_out_of_range_values_are_refused_naming_the_key(override):
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert message.startswith(key + "=") and "must be" in message and "out of range" in message
+
+
+def test_range_message_states_the_allowed_range():
+    with pytest.raises(ConfigError, match=r"image.image_size=0 is out of range: must be at least 1 and at most 65535"):
+        load_config(overrides=["image.image_size=0"])
+    with pytest.raises(ConfigError, match=r"fetch.timeout=-1.0 is out of range: must be greater than 0$"):
+        load_config(overrides=["fetch.timeout=-1"])
+    with pytest.raises(ConfigError, match=r"fetch.max_bytes=0 is out of range: must be at least 1"):
+        load_config(overrides=["fetch.max_bytes=0"])
+    with pytest.raises(ConfigError, match=r"fetch.timeout=inf is out of range: must be greater than 0, a finite number"):
+        load_config(overrides=["fetch.timeout=inf"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("input.format=xlsx", "input.format"), ("image.resize_mode=stretch", "image.resize_mode"),
+    ("image.encode_format=gif", "image.encode_format"), ("dedup.hash=md5", "dedup.hash"),
+    ("clip.precision=fp8", "clip.precision"), ("clip.device=cdua", "clip.device"),
+    ("clip.device=cuda:x", "clip.device"), ("runner.direct_running_mode=fast", "runner.direct_running_mode"),
+])
+def test_values_outside_their_choices_are_refused(override, key):
+    with pytest.raises(ConfigError, match="must be") as info:
+        load_config(overrides=[override])
+    assert str(info.value).startswith(key)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["filter.min_caption_length=20", "filter.max_caption_length=10"], "min_caption_length"),
+    (["dedup.max_distance=65"], "dedup.max_distance"),
+    (["dedup.blocks=3", "dedup.max_distance=6"], "dedup.blocks"),
+    (["dedup.hash_size=16"], "at most 8"),
+])
+def test_cross_key_checks(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_limits_at_their_edges_are_accepted():
+    config = load_config(overrides=[
+        "image.image_size=1", "fetch.retries=0", "fetch.max_redirects=0", "fetch.max_bytes=1",
+        "fetch.url_deadline=0.5", "clip.keep_fraction=1", "clip.device=cuda:1", "image.max_aspect_ratio=1",
+        "dedup.hash_size=16", "dedup.near=false", "runner.direct_num_workers=0", "dedup.blocks=7"])
+    assert config.fetch.url_deadline == 0.5 and config.clip.device == "cuda:1"
+    assert load_config(overrides=["clip.min_score=-1"]).clip.min_score == -1.0
+
+
+def test_every_numeric_key_has_a_declared_range():
+    import dataclasses
+    import typing
+
+    from paircurate.config import CHOICES, RANGES
+
+    numeric = set()
+    sections = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(sections[section.name])
+        for key in dataclasses.fields(sections[section.name]):
+            hint = hints[key.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if args[0] in (int, float):
+                numeric.add(f"{section.name}.{key.name}")
+    assert numeric == set(RANGES)
+    assert {"input.format", "image.resize_mode", "image.encode_format", "dedup.hash"} <= set(CHOICES)
+
+
+@pytest.mark.parametrize("name", ["local", "dataflow", "spark", "nightly"])
+def test_shipped_configs_load(name):
+    load_config(name)

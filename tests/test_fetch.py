@@ -462,6 +462,59 @@ def test_429_retry_waits_retry_after(fault_server):
     assert time.monotonic() - start >= 0.95
 
 
+@pytest.mark.parametrize("limiter", [None, HostLimiter(8)], ids=["no-limiter", "limiter"])
+def test_503_retry_after_is_honoured(fault_server, limiter):
+    path = f"/unavailable/{'with' if limiter else 'without'}-limiter"
+    result = fetch_url(fault_server.url(path), config_for(fault_server), host_limiter=limiter)
+    assert result.status is Status.OK and result.attempts == 2
+    first, second = fault_server.times(path)
+    assert second - first >= 0.9  # the server saw the retry only after its Retry-After: 1
+
+
+def test_retry_after_past_the_deadline_is_not_waited_for(fault_server):
+    path = "/unavailable/late?after=2"
+    result = fetch_url(fault_server.url(path), config_for(fault_server, retry_after_max=5.0,
+                                                          url_deadline=1.0))
+    assert result.error == "http_503" and result.attempts == 1
+    assert fault_server.hits("/unavailable/late") == 1
+
+
+def test_redirect_chain_of_slow_hops_ends_by_the_deadline(fault_server):
+    config = config_for(fault_server, max_redirects=10, url_deadline=1.0)
+    start = time.monotonic()
+    result = fetch_url(fault_server.url("/slow-redirect/8?s=0.3"), config)
+    elapsed = time.monotonic() - start
+    assert (result.status, result.error) == (Status.FETCH_FAILED, "timeout: deadline")
+    assert error_class(result.error) == "timeout"
+    hops = sum(fault_server.hits(f"/slow-redirect/{i}") for i in range(9))
+    assert 2 <= hops <= 5      # about 1.0 s / 0.3 s of the chain was followed, never all 9 hops
+    assert elapsed < 1.0 + 1.0  # generous: the deadline plus scheduling slack
+
+
+def test_retries_and_backoffs_end_by_the_deadline(fault_server):
+    config = config_for(fault_server, retries=50, backoff_base=0.1, backoff_max=0.2, url_deadline=1.0)
+    start = time.monotonic()
+    result = fetch_url(fault_server.url("/always503/deadline"), config)
+    assert result.error == "http_503" and 2 <= result.attempts < 50
+    assert all(t - start < 1.0 for t in fault_server.times("/always503/deadline"))
+
+
+def test_retried_timeouts_end_by_the_deadline(fault_server):
+    config = config_for(fault_server, timeout=0.6, retry_timeouts=True, retries=10,
+                        backoff_base=0.01, url_deadline=1.0)
+    start = time.monotonic()
+    result = fetch_url(fault_server.url("/stall-headers/deadline"), config)
+    elapsed = time.monotonic() - start
+    assert result.error == "timeout: deadline"
+    assert fault_server.hits("/stall-headers/deadline") == 2  # 0.6 s, then cut at 1.0 s
+    assert elapsed < 1.0 + 1.0
+
+
+def test_default_url_deadline_is_three_timeouts():
+    assert fetch_module.url_deadline_seconds(FetchConfig(timeout=5.0)) == 15.0
+    assert fetch_module.url_deadline_seconds(FetchConfig(timeout=5.0, url_deadline=7.0)) == 7.0
+
+
 # ---------------------------------------------------------------------------
 # Beam transform
 

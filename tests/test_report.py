@@ -333,6 +333,72 @@ def test_inspect_user_errors_are_one_line(finished, tmp_path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def small_output(folder, rows):
+    """An output folder holding only a ledger of ``rows`` and a stats.json: enough for inspect."""
+    os.makedirs(os.path.join(folder, "metadata"))
+    pq.write_table(pa.Table.from_pylist(rows), os.path.join(folder, "metadata", "part-00000.parquet"))
+    with open(os.path.join(folder, "stats.json"), "w") as handle:
+        json.dump({}, handle)
+    return str(folder)
+
+
+def test_inspect_escapes_terminal_controls(tmp_path):
+    hostile = ["\x1b[2J\x1b[31mred", "abc\u202edcba", "csi \x9b2J bell \x07 del \x7f", "iso\u2066late\u2069"]
+    rows = [{"uid": f"u{i}", "url": "http://example.com/\x1b]0;title\x07", "caption": caption,
+             "status": "ok", "error": None, "clip_score": 0.3} for i, caption in enumerate(hostile)]
+    out = small_output(tmp_path / "out", rows)
+    result = CliRunner().invoke(cli, ["inspect", out, "--width", "80"])
+    assert result.exit_code == 0, result.output
+    controls = [c for c in result.output if c != "\n" and (ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f
+                                                         or 0x202a <= ord(c) <= 0x202e or 0x2066 <= ord(c) <= 0x2069)]
+    assert not controls
+    for shown in ("\\x1b[2J\\x1b[31mred", "abc\\u202edcba", "csi \\x9b2J bell \\x07 del \\x7f",
+                  "iso\\u2066late\\u2069", "example.com/\\x1b]0;title\\x07"):
+        assert shown in result.output
+    assert result.output.splitlines()[-1] == "4 of 4 rows"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated"])
+@pytest.mark.parametrize("command", ["inspect", "report"])
+def test_corrupt_ledger_is_one_clear_error(tmp_path, damage, command):
+    rows = [{"uid": f"u{i}", "url": "http://example.com/x", "caption": "a cat", "status": "ok",
+             "error": None, "clip_score": 0.3} for i in range(50)]
+    out = small_output(tmp_path / "out", rows)
+    path = os.path.join(out, "metadata", "part-00000.parquet")
+    data = open(path, "rb").read()
+    damaged = {"garbage": bytes(range(256)) * 8, "empty": b"", "truncated": data[: len(data) // 2]}[damage]
+    with open(path, "wb") as handle:
+        handle.write(damaged)
+    result = CliRunner().invoke(cli, [command, out])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # a ClickException, not a traceback
+    assert len(result.output.strip().splitlines()) == 1
+    assert path in result.output and "not a readable Parquet ledger file" in result.output
+
+
+def test_report_on_damaged_stats_or_shard_is_one_clear_error(finished, tmp_path):
+    import shutil
+
+    out, _ = finished
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    stats = os.path.join(copy, "stats.json")
+    good_stats = open(stats, "rb").read()
+    with open(stats, "wb") as handle:
+        handle.write(b"\xff\xfe{not json")
+    result = CliRunner().invoke(cli, ["report", copy])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert stats in result.output and len(result.output.strip().splitlines()) == 1
+    with open(stats, "wb") as handle:
+        handle.write(good_stats)
+    shard = sorted(glob.glob(os.path.join(copy, "shards", "*.tar")))[0]
+    with open(shard, "wb") as handle:
+        handle.write(b"\x00garbage" * 100)
+    result = CliRunner().invoke(cli, ["report", copy])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert shard in result.output and "not a readable shard" in result.output
+
+
 # --------------------------------------------------------------------------- rendering
 
 def render(html_path, folder, name):

@@ -611,12 +611,26 @@ def _read_body(response: http.client.HTTPResponse, config: FetchConfig) -> bytes
     return body
 
 
+def url_deadline_seconds(config: FetchConfig) -> float:
+    """How long one URL may take in all (fetch.url_deadline; unset: 3 x fetch.timeout)."""
+    return config.url_deadline if config.url_deadline is not None else 3 * config.timeout
+
+
+def _deadline_passed() -> FetchError:
+    return _failed("timeout: deadline")
+
+
 def _exchange(target: Target, config: FetchConfig, resolver: Resolver,
-              allowed: Set[Tuple[str, int]]) -> Tuple[http.client.HTTPResponse, Optional[bytes], str]:
-    """One request to one hop. Returns (response, body or None for redirects, location)."""
+              allowed: Set[Tuple[str, int]], url_deadline: float
+              ) -> Tuple[http.client.HTTPResponse, Optional[bytes], str]:
+    """One request to one hop, ended by fetch.timeout or the URL's deadline, whichever is first.
+
+    Returns (response, body or None for redirects, location)."""
     addresses = _resolve(target, resolver)
     _check_addresses(target, addresses, config, allowed)
-    deadline = time.monotonic() + config.timeout
+    deadline = min(time.monotonic() + config.timeout, url_deadline)
+    if deadline <= time.monotonic():
+        raise _deadline_passed()
     sock = _connect(target, addresses, config, deadline)
     conn = http.client.HTTPConnection(target.host, target.port)
     conn.sock = _DeadlineSocket(sock, deadline)  # type: ignore[assignment]
@@ -647,6 +661,8 @@ def _exchange(target: Target, config: FetchConfig, resolver: Resolver,
             exc.http_status = code
         raise
     except (socket.timeout, TimeoutError):
+        if time.monotonic() >= url_deadline:
+            raise _deadline_passed() from None
         raise _failed("timeout", transient=config.retry_timeouts) from None
     except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
         raise _failed(f"connection_reset: {type(exc).__name__}", transient=True) from None
@@ -667,19 +683,19 @@ def allowed_pairs(config: FetchConfig) -> Set[Tuple[str, int]]:
 
 
 def _follow(url: str, config: FetchConfig, resolver: Resolver, allowed: Set[Tuple[str, int]],
-            host_limiter: Optional[HostLimiter]) -> FetchResult:
-    """One attempt: the request and its redirect chain, each hop checked."""
+            host_limiter: Optional[HostLimiter], deadline: float) -> FetchResult:
+    """One attempt: the request and its redirect chain, each hop checked, all before ``deadline``."""
     seen = {url}
     current = url
     for _hop in range(config.max_redirects + 1):
         target = parse_target(current)
         if host_limiter is not None:
             # Wait for a slot (and for any Retry-After on this host), but not forever.
-            limit = time.monotonic() + config.timeout + config.retry_after_max
+            limit = min(time.monotonic() + config.timeout + config.retry_after_max, deadline)
             if not host_limiter.acquire(target.host, deadline=limit):
-                raise _failed("timeout: host busy")
+                raise _deadline_passed() if limit == deadline else _failed("timeout: host busy")
         try:
-            response, body, location = _exchange(target, config, resolver, allowed)
+            response, body, location = _exchange(target, config, resolver, allowed, deadline)
         except FetchError as exc:
             if exc.http_status == 429 and host_limiter is not None:
                 wait = exc.retry_after if exc.retry_after is not None else config.backoff_base
@@ -707,12 +723,19 @@ def fetch_url(url: str, config: FetchConfig, *, resolver: Resolver = socket.geta
               host_limiter: Optional[HostLimiter] = None, rng: Optional[random.Random] = None,
               sleep: Callable[[float], None] = time.sleep,
               allowed: Optional[Set[Tuple[str, int]]] = None) -> FetchResult:
-    """Fetch one URL under ``config``; never raises for anything a server or URL can do."""
+    """Fetch one URL under ``config``; never raises for anything a server or URL can do.
+
+    Everything (attempts, redirect hops, waits for a host slot, backoffs and Retry-After
+    waits) ends by the URL's deadline (``url_deadline_seconds``): an exchange it cuts short
+    fails as "timeout: deadline"; a retry whose wait would pass it is not made, and the
+    last failure stands.
+    """
     allowed = allowed_pairs(config) if allowed is None else allowed
+    deadline = time.monotonic() + url_deadline_seconds(config)
     attempt = 0
     while True:
         try:
-            result = _follow(url, config, resolver, allowed, host_limiter)
+            result = _follow(url, config, resolver, allowed, host_limiter, deadline)
             result.attempts = attempt + 1
             return result
         except FetchError as exc:
@@ -722,9 +745,13 @@ def fetch_url(url: str, config: FetchConfig, *, resolver: Resolver = socket.geta
         if failure.retry_after is not None:
             if failure.retry_after > config.retry_after_max:
                 break  # the server asks for longer than we will wait: give up politely
-            delay = failure.retry_after if host_limiter is None else 0.0  # the limiter waits
+            # Honoured for any status (503 too); for a 429 the limiter holds the whole host
+            # back as well, so this sleep and the limiter end at the same time.
+            delay = failure.retry_after
         else:
             delay = backoff_delay(attempt, config.backoff_base, config.backoff_max, rng)
+        if time.monotonic() + delay >= deadline:
+            break  # the retry could not even start in time
         if delay > 0:
             sleep(delay)
         attempt += 1

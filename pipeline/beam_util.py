@@ -127,7 +127,8 @@ class ConcurrentRecordFn(beam.DoFn):
     def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         from paircurate.schema import is_live
 
-        if not is_live(record):
+        # A record restored from staging (a resumed run) has its image already: no work.
+        if not is_live(record) or record.get("image_ref"):
             yield record
             return
         self._executor.submit(self._run, (record, timestamp, window))
@@ -142,3 +143,45 @@ class ConcurrentRecordFn(beam.DoFn):
         executor = getattr(self, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- shuffle volume ---------------------------------------------------------------------------
+
+#: Beam metrics namespace of the shuffle meter (stats.json: shuffle_bytes).
+SHUFFLE_NAMESPACE = "shuffle"
+
+
+class _MeterFn(beam.DoFn):
+    """Counts the encoded bytes of the elements about to enter a shuffle (or a side input).
+
+    The element is encoded with the coder its PCollection uses, so the figure is
+    what the runner moves, less the runner's own framing.
+    """
+
+    def __init__(self, coder, label: str):
+        self._coder = coder
+        self._label = label
+
+    def setup(self):
+        self._bytes = beam.metrics.Metrics.counter(SHUFFLE_NAMESPACE, self._label)
+
+    def process(self, element):
+        self._bytes.inc(len(self._coder.encode(element)))
+        yield element
+
+
+def metered(pcoll, label: str):
+    """``pcoll`` unchanged, its encoded bytes counted as shuffle volume (use before a side input)."""
+    coder = beam.coders.registry.get_coder(pcoll.element_type)
+    return pcoll | f"{label}Meter" >> beam.ParDo(_MeterFn(coder, label))
+
+
+def metered_group(pcoll, label: str):
+    """GroupByKey with the bytes entering it counted."""
+    return metered(pcoll, label) | label >> beam.GroupByKey()
+
+
+def metered_cogroup(pcolls, label: str):
+    """CoGroupByKey of a dict of PCollections with the bytes entering it counted."""
+    return ({tag: metered(pc, f"{label}{tag.capitalize()}") for tag, pc in pcolls.items()}
+            | label >> beam.CoGroupByKey())

@@ -147,6 +147,10 @@ class ClipConfig:
 class OutputConfig:
     samples_per_shard: int = 10000
     report: bool = True
+    # Staging segments (image bytes kept where they were made, see transforms/staging.py):
+    # a segment is closed, and so becomes resumable, after this many images or bytes.
+    staging_segment_records: int = 1000
+    staging_segment_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -36,6 +36,11 @@ class OutputLayout:
     def embeddings(self) -> str:
         return FileSystems.join(self.root, "embeddings")
 
+    def staging(self, config: Config) -> str:
+        """Staged image bytes (transforms/staging.py), in a folder named by the settings that shape them."""
+        from paircurate.transforms.staging import staging_dir
+        return staging_dir(self.root, config)
+
     def file(self, name: str) -> str:
         return FileSystems.join(self.root, name)
 
@@ -55,26 +60,56 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
 
 
 def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout) -> None:
-    """read -> validate -> prefilter -> fetch -> decode/resize -> dedup -> clip -> write."""
-    from paircurate.transforms.dedup import DeduplicateImages
+    """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip -> write.
+
+    Image bytes are staged (transforms/staging.py) before the first shuffle
+    they would otherwise cross: right after hashing when dedup runs, else after
+    CLIP (which then scores the bytes still in memory).  Records that a killed
+    run already staged are restored instead of fetched again.
+    """
+    from paircurate.transforms.dedup import DeduplicateImages, HashImages
     from paircurate.transforms.fetch import FetchImages
     from paircurate.transforms.resize import DecodeAndResize
+    from paircurate.transforms.staging import RestoreStaged, StageImages, list_indexes
 
+    staging = layout.staging(config)
+    stage = StageImages(staging, config.output.staging_segment_records,
+                        config.output.staging_segment_bytes)
     records = (pipeline
                | "Read" >> ReadInput(plan.tasks, config.input, plan.carried)
-               | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions)
+               | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions))
+    indexes = list_indexes(staging)
+    if indexes:
+        records = records | "Resume" >> RestoreStaged(staging, indexes)
+    records = (records
                | "Fetch" >> FetchImages(config.fetch)
-               | "Decode" >> DecodeAndResize(config.image))
-    # Dedup frees the original bytes of every record it emits (disabled, it only does that).
-    records = records | "Dedup" >> DeduplicateImages(config.dedup)
-    if config.clip.enabled:
-        from paircurate.transforms.clip import ScoreAndFilter
-        records = records | "Clip" >> ScoreAndFilter(config.clip, layout.root)
-    write_outputs(records, layout, config.output.samples_per_shard, plan.carried)
+               | "Decode" >> DecodeAndResize(config.image)
+               | "Hash" >> HashImages(config.dedup))
+    if config.dedup.enabled:
+        records = (records
+                   | "Stage" >> stage
+                   | "Dedup" >> DeduplicateImages(config.dedup))
+    records = add_clip(records, config, layout.root, staging)
+    if not config.dedup.enabled:
+        records = records | "Stage" >> stage
+    write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging)
+
+
+def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
+    """The CLIP stage, when enabled: staged records are made whole for it (captions), then slim again."""
+    if not config.clip.enabled:
+        return records
+    from paircurate.transforms.clip import ScoreAndFilter
+    from paircurate.transforms.staging import Rehydrate, Slim
+
+    if staging:
+        records = records | "ClipDetails" >> Rehydrate(staging, live_only=True)
+    records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging)
+    return records | "ClipSlim" >> Slim() if staging else records
 
 
 def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried: pa.Schema,
-                  write_shards: bool = True) -> None:
+                  write_shards: bool = True, staging: Optional[str] = None) -> None:
     """Live records -> shards; every record -> the ledger; plus the manifest and counts work files.
 
     Without ``write_shards`` (rescoring without a filter: the input shards stay
@@ -84,9 +119,13 @@ def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried
     if write_shards:
         kept, rejected = records | "SplitKept" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
         written, manifest = kept | "Shards" >> WriteShards(layout.shards, samples_per_shard,
-                                                           [f.name for f in carried])
+                                                           [f.name for f in carried], staging)
         manifest | "Manifest" >> WriteManifest(manifest_path)
         records = (written, rejected) | "AllRecords" >> beam.Flatten()
+    if staging:
+        # Staged records that were not kept (duplicates, CLIP-filtered) get their details back.
+        from paircurate.transforms.staging import Rehydrate
+        records = records | "LedgerDetails" >> Rehydrate(staging)
     else:
         (records.pipeline
          | "NoShards" >> beam.Create([None])

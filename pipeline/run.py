@@ -24,7 +24,9 @@ _LOG = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS"
 #: What a run writes under its output folder; cleared before a (re)run.
 RUN_OUTPUTS = ("shards", "metadata", "embeddings", "_work", "stats.json", "manifest.json",
-               "report.html", "report.html.incomplete", SUCCESS_MARKER)
+               "report.html", "report.html.incomplete", SUCCESS_MARKER, "_staging")
+#: What an unfinished run keeps for the next try (staged images: a rerun resumes from them).
+RESUMABLE = ("_staging",)
 
 
 class RunError(RuntimeError):
@@ -39,7 +41,8 @@ def prepare_output(root: str, overwrite: bool) -> None:
     """Refuse a finished run unless overwriting; clear what an unfinished one left."""
     if is_finished(root) and not overwrite:
         raise RunError(f"{root} already holds a finished run; pass --overwrite to replace it")
-    stale = [FileSystems.join(root, name) for name in RUN_OUTPUTS]
+    stale = [FileSystems.join(root, name) for name in RUN_OUTPUTS
+             if overwrite or name not in RESUMABLE]
     stale = [path for path in stale if FileSystems.exists(path)]
     if stale:
         FileSystems.delete(stale)
@@ -191,7 +194,34 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     if dry_run:  # Dataflow's --dry_run builds the job and submits nothing
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
     wait_until_done(result)
-    return finalise(layout, config, started, input_rows(result), {"stages": stage_timings(result)})
+    rows = input_rows(result)
+    return finalise(layout, config, started, rows,
+                    {"stages": stage_timings(result), **shuffle_stats(result, rows),
+                     "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0})
+
+
+def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:
+    """Encoded bytes that entered the run's shuffles and side inputs (beam_util.metered).
+
+    One counter per metered step, in the "shuffle" namespace; stats.json gets
+    the total, the total per input row, and the steps' own figures.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from paircurate.beam_util import SHUFFLE_NAMESPACE
+
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(SHUFFLE_NAMESPACE))["counters"]
+    except Exception:  # some runners report no metrics
+        return {"shuffle_bytes": None, "shuffle_bytes_per_row": None}
+    steps: Dict[str, int] = {}
+    for counter in counters:
+        name = counter.key.metric.name
+        steps[name] = steps.get(name, 0) + int(counter.committed or counter.attempted or 0)
+    total = sum(steps.values())
+    return {"shuffle_bytes": total,
+            "shuffle_bytes_per_row": round(total / rows, 1) if rows else None,
+            "shuffle_bytes_by_step": dict(sorted(steps.items(), key=lambda kv: -kv[1]))}
 
 
 def finalise(layout: OutputLayout, config: Config, started: float, rows_read: Optional[int],
@@ -221,6 +251,9 @@ def finalise(layout: OutputLayout, config: Config, started: float, rows_read: Op
             _LOG.warning("report.html was not written: %s (rebuild it with `paircurate report %s`)",
                          exc, layout.root)
     FileSystems.delete([layout.work])
+    staging = layout.file("_staging")
+    if FileSystems.exists(staging):  # staged images are in the shards now
+        FileSystems.delete([staging])
     handle = FileSystems.create(layout.file(SUCCESS_MARKER))
     handle.close()
     return stats

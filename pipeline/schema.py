@@ -65,7 +65,7 @@ LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 
 #: Transient fields that travel with a record between stages but never reach
 #: the ledger (image bytes stay out of the ledger by construction).
-TRANSIENT_FIELDS = ("image", "raw", "extra")
+TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref")
 
 #: Prefix given to input columns whose names clash with ledger columns.
 CLASH_PREFIX = "input_"
@@ -91,6 +91,7 @@ def new_record(uid: str, url: Any, caption: Any, source: str, position: int,
     record.update(uid=uid, url=url, caption=caption, status=Status.OK.value,
                   source=source, position=position)
     record["extra"] = dict(extra)
+    record["image_ref"] = None
     return record
 
 
@@ -106,6 +107,23 @@ def mark(record: Dict[str, Any], status: Status, error: Optional[str] = None) ->
     record["image"] = None
     record["raw"] = None
     return record
+
+
+#: Field order of a packed record (see pack_record).
+_PACKED_FIELDS = tuple(LEDGER_COLUMNS) + TRANSIENT_FIELDS
+
+
+def pack_record(record: Mapping[str, Any]) -> tuple:
+    """A record as a tuple of its values in a fixed field order, for shuffles.
+
+    Encoded, a dict repeats every field name in every element; the tuple
+    carries values only (about a third fewer bytes for a typical record).
+    """
+    return tuple(record.get(name) for name in _PACKED_FIELDS)
+
+
+def unpack_record(values: tuple) -> Dict[str, Any]:
+    return dict(zip(_PACKED_FIELDS, values))
 
 
 def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str]) -> Dict[str, Any]:

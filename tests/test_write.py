@@ -8,7 +8,7 @@ from apache_beam.testing.util import assert_that
 from paircurate.beam_util import test_pipeline
 from paircurate.schema import new_record
 from paircurate.transforms.write import (RANK_BUCKETS, WriteShards, assign_shards, bucket_offsets,
-                                         rank_bucket, summarise_counts, write_shard)
+                                         rank_bucket, rank_group, summarise_counts, write_shard)
 from paircurate.transforms.read import make_uid
 
 
@@ -20,18 +20,23 @@ def kept_record(i, carried=None):
 
 
 def test_shard_positions_are_dense_and_sequential():
-    uids = [make_uid("s", i, "u", "c") for i in range(1000)]
-    buckets = {}
-    for uid in uids:
-        buckets.setdefault(rank_bucket(uid), []).append(uid)
-    offsets = bucket_offsets({b: len(v) for b, v in buckets.items()})
-    assigned = dict(pair for b, v in buckets.items() for pair in assign_shards(b, v, offsets, 64))
+    records = [{"uid": make_uid("s", i, "u", "c")} for i in range(1000)]
+    groups = {}
+    for record in records:
+        groups.setdefault(rank_group(record["uid"]), []).append(record)
+    offsets = bucket_offsets({g: len(v) for g, v in groups.items()})
+    assigned = {r["uid"]: shard for g, v in groups.items() for shard, r in assign_shards(g, v, offsets, 64)}
     sizes = {}
     for shard in assigned.values():
         sizes[shard] = sizes.get(shard, 0) + 1
     assert sorted(sizes) == list(range(16))  # 1000 / 64 -> shards 0..15
     assert all(n == 64 for s, n in sizes.items() if s < 15) and sizes[15] == 1000 - 15 * 64
-    assert all(0 <= rank_bucket(u) < RANK_BUCKETS for u in uids)
+    assert all(0 <= rank_bucket(r["uid"]) < RANK_BUCKETS for r in records)
+    # Rank groups only split buckets: positions follow (bucket, uid), the order shards always had.
+    by_position = sorted(records, key=lambda r: (rank_bucket(r["uid"]), r["uid"]))
+    expected = {r["uid"]: i // 64 for i, r in enumerate(by_position)}
+    assert assigned == expected
+    assert all(r["key"] == r["uid"] and r["shard"] == f"{expected[r['uid']]:05d}" for r in records)
 
 
 def test_tar_is_deterministic_and_sorted(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -126,7 +126,8 @@ def apply_threshold(record: Dict[str, Any], threshold: Optional[float]) -> Dict[
 
 def wants_score(record: Mapping[str, Any]) -> bool:
     """Live, with an image and a caption: there is a pair to score."""
-    return is_live(record) and record.get("caption") is not None and bool(record.get("image"))
+    return (is_live(record) and record.get("caption") is not None
+            and bool(record.get("image") or record.get("image_ref")))
 
 
 def embedding_schema(dim: int) -> pa.Schema:
@@ -159,17 +160,27 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
     on the machine (calls go through LoadedClip.score, so they cross processes).
     """
 
-    def __init__(self, config: ClipConfig):
+    def __init__(self, config: ClipConfig, staging: Optional[str] = None):
         super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size,
                          large_model=config.share_model_across_processes)
         self._config = config
+        self._staging = staging
+        self._reader = None
+
+    def pair_images(self, batch: Sequence[Dict[str, Any]]) -> List[bytes]:
+        """The image bytes of a batch: carried in the records, or read from staging by reference."""
+        from paircurate.transforms.staging import StagedReader, image_bytes
+
+        if self._reader is None and self._staging:
+            self._reader = StagedReader(self._staging)
+        return [image_bytes(r, self._reader) for r in batch]
 
     def load_model(self) -> LoadedClip:
         return load_clip(self._config)
 
     def run_inference(self, batch: Sequence[Dict[str, Any]], model: LoadedClip,
                       inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-        scored: ScoredBatch = model.score([r["image"] for r in batch], [r["caption"] for r in batch],
+        scored: ScoredBatch = model.score(self.pair_images(batch), [r["caption"] for r in batch],
                                           embeddings=self._config.save_embeddings)
         out = []
         for i, record in enumerate(batch):
@@ -263,10 +274,12 @@ class ScoreAndFilter(beam.PTransform):
     Disabled (clip.enabled false), it is the identity.
     """
 
-    def __init__(self, config: ClipConfig, output_dir: Optional[str] = None):
+    def __init__(self, config: ClipConfig, output_dir: Optional[str] = None,
+                 staging: Optional[str] = None):
         super().__init__()
         self._config = config
         self._output_dir = output_dir
+        self._staging = staging
         self.threshold = None
         if config.enabled:
             if config.save_embeddings and not output_dir:
@@ -281,7 +294,8 @@ class ScoreAndFilter(beam.PTransform):
             lambda r, _: 0 if wants_score(r) else 1, 2)
         results = (to_score
                    | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
-                   | "RunInference" >> RunInference(KeyedModelHandler(OpenClipModelHandler(config)))
+                   | "RunInference" >> RunInference(KeyedModelHandler(
+                       OpenClipModelHandler(config, self._staging)))
                    | "AttachScore" >> beam.ParDo(_AttachScore()).with_outputs("embeddings", main="records"))
         scored = results.records
         if config.save_embeddings:

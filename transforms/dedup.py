@@ -52,8 +52,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from paircurate.beam_util import metered_cogroup, metered_group
 from paircurate.config import DedupConfig
-from paircurate.schema import Status, is_live, mark
+from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.staging import decided_only
 from paircurate.transforms.phash import (Rank, bucket_entries, bucket_pairs, bucket_partition,
                                          default_blocks, hamming, hash_hex, hash_int, key_masks,
                                          rank, signature)
@@ -117,6 +119,12 @@ def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]
     return record
 
 
+def sha_keyed(sig: Sig) -> Tuple[bytes, Sig]:
+    """(sha256 as bytes, the signature without it): the exact step's shuffle carries the digest once."""
+    uid, rank_, sha, phash, low = sig
+    return (bytes.fromhex(sha) if sha else b""), (uid, rank_, None, phash, low)
+
+
 def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:
     """The best signature of one sha256 group, and duplicate_exact for the live others.
 
@@ -157,8 +165,9 @@ class _HashFn(beam.DoFn):
         self._low = Metrics.counter(_NS, "low_information")
 
     def process(self, record):
+        hashing = bool(record.get("raw") or record.get("image"))  # else: already hashed, or no bytes
         record = hash_record(record, self._config)
-        if is_live(record) and record["low_information"]:
+        if hashing and is_live(record) and record["low_information"]:
             self._low.inc()
         yield record
 
@@ -194,8 +203,9 @@ class _KeyBatchFn(beam.DoFn):
         order = np.argsort(part, kind="stable")
         part, keys, hashes = part[order], keys[order], hashes[order]
         cuts = np.flatnonzero(np.diff(part)) + 1
+        # Raw bytes, not arrays: the shuffle then carries 9 bytes per entry, not a pickle per element.
         for start, stop in zip(np.r_[0, cuts], np.r_[cuts, part.size]):
-            yield int(part[start]), (keys[start:stop], hashes[start:stop])
+            yield int(part[start]), (keys[start:stop].tobytes(), hashes[start:stop].tobytes())
 
     def process(self, phash):
         self._buffer.append(phash)
@@ -218,8 +228,8 @@ class _PairsFn(beam.DoFn):
     def process(self, element):
         _, batches = element
         batches = list(batches)
-        keys = np.concatenate([b[0] for b in batches])
-        hashes = np.concatenate([b[1] for b in batches])
+        keys = np.concatenate([np.frombuffer(b[0], dtype=np.uint8) for b in batches])
+        hashes = np.concatenate([np.frombuffer(b[1], dtype=np.uint64) for b in batches])
         pairs, stats = bucket_pairs(keys, hashes, self._masks, self._k, self._max)
         self._comparisons.inc(stats.comparisons)
         self._pairs.inc(stats.pairs)
@@ -273,8 +283,8 @@ def _decide_near(element):
 def _join(element):
     _, grouped = element
     decisions = list(grouped["decision"])
-    for record in grouped["record"]:
-        yield apply_decisions(record, decisions)
+    for packed in grouped["record"]:
+        yield apply_decisions(unpack_record(packed), decisions)
 
 
 # --------------------------------------------------------------------------- PTransforms
@@ -313,9 +323,7 @@ class DedupDecisions(beam.PTransform):
         config = self._config
         exact_decisions = near = None
         if config.exact:
-            exact = (sigs
-                     | "KeyBySha" >> beam.Map(lambda s: (s[2], s))
-                     | "GroupBySha" >> beam.GroupByKey()
+            exact = (metered_group(sigs | "KeyBySha" >> beam.Map(sha_keyed), "GroupBySha")
                      | "Exact" >> beam.ParDo(_ExactFn()).with_outputs("decisions", main="kept"))
             exact_decisions = exact.decisions
             sigs = exact.kept
@@ -324,10 +332,10 @@ class DedupDecisions(beam.PTransform):
         if exact_decisions is not None and near is not None:
             # An exact group's best image may itself be a near duplicate: its copies
             # then point at the cluster's representative, the image that is kept.
-            exact_decisions = ({"exact": exact_decisions | "ByTarget" >> beam.Map(lambda d: (d[1][1], d)),
-                                "near": near}
-                               | "JoinExactNear" >> beam.CoGroupByKey()
-                               | "Resolve" >> beam.FlatMap(resolve_exact))
+            exact_decisions = (metered_cogroup(
+                {"exact": exact_decisions | "ByTarget" >> beam.Map(lambda d: (d[1][1], d)),
+                 "near": near}, "JoinExactNear")
+                | "Resolve" >> beam.FlatMap(resolve_exact))
         outputs = [pc for pc in (exact_decisions, near) if pc is not None]
         if not outputs:
             return sigs.pipeline | "NoDecisions" >> beam.Create([])
@@ -347,29 +355,42 @@ class _NearDecisions(beam.PTransform):
         members = by_phash | "LiveMembers" >> beam.Filter(lambda kv: kv[1][0] == 1)
         # One node per distinct phash, ranked by its best member (combiner: hot hashes are cheap).
         nodes = by_phash | "NodeRank" >> beam.CombinePerKey(min)
-        edges = (nodes
+        keyed = (nodes
                  | "NodeHash" >> beam.Keys()
                  | "BucketKeys" >> beam.ParDo(_KeyBatchFn(self._masks, config.partitions,
-                                                          config.key_batch))
-                 | "GroupByPartition" >> beam.GroupByKey()
+                                                          config.key_batch)))
+        edges = (metered_group(keyed, "GroupByPartition")
                  | "VerifyPairs" >> beam.ParDo(_PairsFn(self._masks, config.max_distance,
                                                         config.max_bucket_comparisons)))
-        adjacency = (edges
-                     | "BothWays" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])])
-                     | "Adjacency" >> beam.GroupByKey())
-        state = ({"adj": adjacency, "rank": nodes}
-                 | "JoinRanks" >> beam.CoGroupByKey()
+        adjacency = metered_group(
+            edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])]), "Adjacency")
+        state = (metered_cogroup({"adj": adjacency, "rank": nodes}, "JoinRanks")
                  | "InitLabels" >> beam.FlatMap(_initial_state))
         for round_ in range(config.cluster_rounds):
             counter = "unconverged_nodes" if round_ == config.cluster_rounds - 1 else "label_changes"
-            state = (state
-                     | f"Send{round_}" >> beam.FlatMap(_send)
-                     | f"Gather{round_}" >> beam.GroupByKey()
+            state = (metered_group(state | f"Send{round_}" >> beam.FlatMap(_send), f"Gather{round_}")
                      | f"Update{round_}" >> beam.ParDo(_UpdateFn(counter)))
         labels = state | "Labels" >> beam.MapTuple(lambda node, s: (node, s[0]))
-        return ({"member": members, "rank": nodes, "label": labels}
-                | "JoinLabels" >> beam.CoGroupByKey()
+        return (metered_cogroup({"member": members, "rank": nodes, "label": labels}, "JoinLabels")
                 | "DecideNear" >> beam.FlatMap(_decide_near))
+
+
+class HashImages(beam.PTransform):
+    """records -> records with image_sha256, phash, low_information; original bytes dropped.
+
+    The graph runs this before staging, while the original bytes are at hand;
+    DeduplicateImages then keeps the signatures it finds (hash_record is a no-op
+    for a record that has them and no bytes).
+    """
+
+    def __init__(self, config: DedupConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, records):
+        if not self._config.enabled:
+            return records | "DropRaw" >> beam.Map(_drop_raw)
+        return records | "Hash" >> beam.ParDo(_HashFn(self._config))
 
 
 class DeduplicateImages(beam.PTransform):
@@ -404,9 +425,10 @@ class DeduplicateImages(beam.PTransform):
                             | "HistorySignature" >> beam.Map(history_signature))
             sigs = (sigs, history_sigs) | "WithHistory" >> beam.Flatten()
         decisions = sigs | "Decide" >> DedupDecisions(config)
-        keyed = live | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
-        joined = ({"record": keyed, "decision": decisions}
-                  | "JoinDecisions" >> beam.CoGroupByKey()
+        # Records cross this shuffle packed, and slim: image bytes are in staging by now
+        # (paircurate.graph stages them right after hashing).
+        keyed = live | "KeyByUid" >> beam.Map(lambda r: (r["uid"], pack_record(decided_only(r))))
+        joined = (metered_cogroup({"record": keyed, "decision": decisions}, "JoinDecisions")
                   | "Apply" >> beam.FlatMap(_join))
         return (joined, others) | "All" >> beam.Flatten()
 

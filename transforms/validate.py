@@ -8,7 +8,8 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 import apache_beam as beam
 
 from paircurate.config import FilterConfig
-from paircurate.schema import Status, is_live, mark
+from paircurate.beam_util import metered_group
+from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
 
 
 def validate(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,8 +73,15 @@ def prefilter_caption(record: Dict[str, Any], config: FilterConfig,
     return record
 
 
-def input_key(record: Dict[str, Any]) -> Tuple[str, str]:
-    return record["url"], record.get("caption") or ""
+def input_key(record: Dict[str, Any]) -> bytes:
+    """128-bit digest of the URL and caption: the shuffle key moves 16 bytes, not both texts again."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(record["url"].encode("utf-8", "surrogatepass"))
+    digest.update(b"\x00")
+    digest.update((record.get("caption") or "").encode("utf-8", "surrogatepass"))
+    return digest.digest()
 
 
 def _listing_order(record: Dict[str, Any]) -> Tuple[str, int, str]:
@@ -95,6 +103,16 @@ def keep_first(records: Iterable[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         yield record
 
 
+class _Unpacked:
+    """A grouped iterable of packed records, unpacked lazily on each pass (keep_first makes two)."""
+
+    def __init__(self, packed: Iterable[tuple]):
+        self._packed = packed
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return (unpack_record(values) for values in self._packed)
+
+
 class ValidateAndFilter(beam.PTransform):
     """validate -> caption prefilter -> URL+caption dedup (a shuffle on the pair)."""
 
@@ -111,8 +129,8 @@ class ValidateAndFilter(beam.PTransform):
         if not config.dedup_input:
             return checked
         live, done = checked | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
-        deduped = (live
-                   | "KeyByPair" >> beam.Map(lambda r: (input_key(r), r))
-                   | "GroupPairs" >> beam.GroupByKey()
-                   | "KeepFirst" >> beam.FlatMap(lambda kv: keep_first(kv[1])))
+        keyed = live | "KeyByPair" >> beam.Map(lambda r: (input_key(r), pack_record(r)))
+        deduped = (metered_group(keyed, "GroupPairs")
+                   | "KeepFirst" >> beam.FlatMap(
+                       lambda kv: keep_first(_Unpacked(kv[1]))))
         return (deduped, done) | "Merge" >> beam.Flatten()

@@ -20,7 +20,9 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.schema import error_class, ledger_row
+from paircurate.beam_util import metered, metered_group
+from paircurate.schema import error_class, ledger_row, pack_record, unpack_record
+from paircurate.transforms.staging import StagedReader, decided_only, image_bytes
 
 #: Number of hash buckets used to rank kept samples (a bucket holds ~N/this uids).
 RANK_BUCKETS = 1024
@@ -41,8 +43,8 @@ def rank_bucket(uid: str) -> int:
     return int(uid[:8], 16) % RANK_BUCKETS
 
 
-def bucket_offsets(counts: Mapping[int, int]) -> Dict[int, int]:
-    """Global position of each bucket's first sample (buckets in ascending order)."""
+def bucket_offsets(counts: Mapping[Any, int]) -> Dict[Any, int]:
+    """Global position of each rank group's first sample (groups in ascending order)."""
     offsets, total = {}, 0
     for bucket in sorted(counts):
         offsets[bucket] = total
@@ -50,12 +52,25 @@ def bucket_offsets(counts: Mapping[int, int]) -> Dict[int, int]:
     return offsets
 
 
-def assign_shards(bucket: int, uids: Iterable[str], offsets: Mapping[int, int],
-                  samples_per_shard: int) -> Iterator[Tuple[str, int]]:
-    """(uid, shard index) for the uids of one bucket, ranked by uid."""
-    base = offsets[bucket]
-    for rank, uid in enumerate(sorted(uids)):
-        yield uid, (base + rank) // samples_per_shard
+def rank_group(uid: str) -> Tuple[int, str]:
+    """The group a kept uid is ranked in: its bucket, then its first two hex digits.
+
+    Groups sort in the global order (bucket, then uid), since the digits are a
+    prefix of the uid; so positions are the same as ranking whole buckets, while
+    a group holds about N / 262,144 records, which a worker sorts in memory.
+    """
+    return rank_bucket(uid), uid[:2]
+
+
+def assign_shards(group, records: Iterable[Dict[str, Any]], offsets: Mapping[Any, int],
+                  samples_per_shard: int) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(shard index, record with key and shard) for the records of one rank group, ranked by uid."""
+    base = offsets[group]
+    for rank, record in enumerate(sorted(records, key=lambda r: r["uid"])):
+        shard = (base + rank) // samples_per_shard
+        record["shard"] = shard_name(shard)
+        record["key"] = record["uid"]
+        yield shard, record
 
 
 def sample_json(record: Mapping[str, Any], carried: Sequence[str]) -> bytes:
@@ -66,11 +81,12 @@ def sample_json(record: Mapping[str, Any], carried: Sequence[str]) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
-def sample_members(record: Mapping[str, Any], carried: Sequence[str]) -> List[Tuple[str, bytes]]:
-    """The tar members of one sample: image, caption, metadata."""
+def sample_members(record: Mapping[str, Any], carried: Sequence[str],
+                   reader: Optional[StagedReader] = None) -> List[Tuple[str, bytes]]:
+    """The tar members of one sample: image (carried or read from staging), caption, metadata."""
     key = record["key"]
     ext = record.get("image_format") or "jpg"
-    return [(f"{key}.{ext}", record["image"]),
+    return [(f"{key}.{ext}", image_bytes(record, reader)),
             (f"{key}.json", sample_json(record, carried)),
             (f"{key}.txt", (record.get("caption") or "").encode("utf-8"))]
 
@@ -146,13 +162,17 @@ def write_tar(handle, members: Iterable[Tuple[str, bytes]]) -> Tuple[int, str]:
 
 
 def write_shard(shards_dir: str, index: int, records: Sequence[Dict[str, Any]],
-                carried: Sequence[str]) -> Dict[str, Any]:
-    """Write one shard (complete, then renamed into place); return its manifest entry."""
+                carried: Sequence[str], reader: Optional[StagedReader] = None) -> Dict[str, Any]:
+    """Write one shard (complete, then renamed into place); return its manifest entry.
+
+    Images are read one sample at a time as the tar is written, so a shard's
+    bytes are never all in memory.
+    """
     name = shard_name(index) + ".tar"
     final = FileSystems.join(shards_dir, name)
     temp = FileSystems.join(shards_dir, f".{name}.incomplete")
     ordered = sorted(records, key=lambda r: r["key"])
-    members = [m for record in ordered for m in sample_members(record, carried)]
+    members = (m for record in ordered for m in sample_members(record, carried, reader))
     handle = FileSystems.create(temp)
     try:
         size, digest = write_tar(handle, members)
@@ -201,60 +221,80 @@ def summarise_counts(pairs: Iterable[Tuple[Tuple[str, str], int]]) -> Dict[str, 
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, shards_dir: str, carried: Sequence[str]):
+    def __init__(self, shards_dir: str, carried: Sequence[str], staging: Optional[str]):
         self._dir = shards_dir
         self._carried = list(carried)
+        self._staging = staging
+
+    def setup(self):
+        self._reader = StagedReader(self._staging) if self._staging else None
 
     def process(self, element):
-        index, records = element
-        records = list(records)
-        entry = write_shard(self._dir, index, records, self._carried)
+        index, packed = element
+        records = [unpack_record(values) for values in packed]
+        if self._reader is not None:  # details back from staging; images are read as the tar is written
+            records = [self._reader.rehydrate(record) for record in records]
+        entry = write_shard(self._dir, index, records, self._carried, self._reader)
         beam.metrics.Metrics.counter("write", "shards").inc()
         yield beam.pvalue.TaggedOutput("manifest", entry)
         for record in records:
             record["image"] = None
             yield record
 
+    def teardown(self):
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
+
+
+class _RankFn(beam.DoFn):
+    """A rank group's records -> (shard, packed record); the groups' offsets are computed once."""
+
+    def __init__(self, samples_per_shard: int):
+        self._per_shard = samples_per_shard
+
+    def setup(self):
+        self._offsets, self._counts_id = None, None
+
+    def process(self, element, counts):
+        if self._counts_id != id(counts):  # one side input per (global) window: sort it once
+            self._offsets, self._counts_id = bucket_offsets(counts), id(counts)
+        group, packed = element
+        records = (unpack_record(values) for values in packed)
+        for shard, record in assign_shards(group, records, self._offsets, self._per_shard):
+            yield shard, pack_record(record)
+
 
 class WriteShards(beam.PTransform):
-    """Kept records -> shards on disk; returns (records with key/shard, manifest entries)."""
+    """Kept records -> shards on disk; returns (records with key/shard, manifest entries).
 
-    def __init__(self, shards_dir: str, samples_per_shard: int, carried: Sequence[str]):
+    Two shuffles of slim (packed) records: by rank group, where each record
+    gets its global position from the groups' counts (a small side input), and
+    by shard.  Image bytes are read from ``staging`` (or carried, as in `score`).
+    """
+
+    def __init__(self, shards_dir: str, samples_per_shard: int, carried: Sequence[str],
+                 staging: Optional[str] = None):
         super().__init__()
         self._dir = shards_dir
         self._per_shard = samples_per_shard
         self._carried = list(carried)
+        self._staging = staging
 
     def expand(self, kept):
         per_shard = self._per_shard
-        uids = kept | "Uids" >> beam.Map(lambda r: r["uid"])
-        counts = (uids
-                  | "BucketOne" >> beam.Map(lambda u: (rank_bucket(u), 1))
-                  | "CountBuckets" >> beam.CombinePerKey(sum))
-        positions = (uids
-                     | "BucketUid" >> beam.Map(lambda u: (rank_bucket(u), u))
-                     | "GroupBuckets" >> beam.GroupByKey()
-                     | "Rank" >> beam.FlatMap(
-                         lambda kv, c: assign_shards(kv[0], kv[1], bucket_offsets(c), per_shard),
-                         c=beam.pvalue.AsDict(counts)))
-        by_uid = kept | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
-        by_shard = ({"record": by_uid, "shard": positions}
-                    | "JoinShard" >> beam.CoGroupByKey()
-                    | "ToShard" >> beam.FlatMap(_with_shard))
-        written = (by_shard
-                   | "GroupShards" >> beam.GroupByKey()
-                   | "WriteTar" >> beam.ParDo(_WriteShardFn(self._dir, self._carried))
+        counts = (kept
+                  | "GroupOne" >> beam.Map(lambda r: (rank_group(r["uid"]), 1))
+                  | "CountGroups" >> beam.CombinePerKey(sum))
+        counts = metered(counts, "GroupCounts")
+        keyed = kept | "KeyByGroup" >> beam.Map(
+            lambda r: (rank_group(r["uid"]), pack_record(decided_only(r))))
+        by_shard = (metered_group(keyed, "GroupRanks")
+                    | "Rank" >> beam.ParDo(_RankFn(per_shard), beam.pvalue.AsDict(counts))
+                    )
+        written = (metered_group(by_shard, "GroupShards")
+                   | "WriteTar" >> beam.ParDo(_WriteShardFn(self._dir, self._carried, self._staging))
                    .with_outputs("manifest", main="records"))
         return written.records, written.manifest
-
-
-def _with_shard(joined):
-    uid, groups = joined
-    (shard,) = groups["shard"]
-    for record in groups["record"]:
-        record["shard"] = shard_name(shard)
-        record["key"] = record["uid"]
-        yield shard, record
 
 
 def ledger_arrow_schema(carried_schema: pa.Schema) -> pa.Schema:

@@ -350,6 +350,8 @@ RANGES: Dict[str, Bounds] = {
     "clip.keep_fraction": Bounds(0, 1, low_open=True),
     "clip.preprocess_threads": NON_NEGATIVE,       # 0: one per CPU core
     "output.samples_per_shard": AT_LEAST_ONE,
+    "output.staging_segment_records": AT_LEAST_ONE,
+    "output.staging_segment_bytes": AT_LEAST_ONE,
     "runner.direct_num_workers": NON_NEGATIVE,     # 0: one per CPU core (Beam)
 }
 

@@ -1,0 +1,179 @@
+"""Staging: blobs round-trip by reference, slim records, and a killed run resumed without refetching."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from paircurate.config import load_config
+from paircurate.demo import encode, synthetic_image
+from paircurate.imageserver import Route
+from paircurate.run import run_pipeline
+from paircurate.schema import new_record
+from paircurate.transforms.staging import (DECIDED_FIELDS, SLIM_FIELDS, SegmentWriter, StagedReader,
+                                           StagingError, decided_only, list_indexes, read_index,
+                                           rehydrate)
+
+
+def staged_record(i):
+    record = new_record(f"{i:032x}", f"http://h/{i}.jpg", f"caption number {i}", "in.parquet", i,
+                        {"lang": "en"})
+    record.update(image=f"image-bytes-{i}".encode() * (i + 1), image_format="jpg", width=8, height=8,
+                  image_sha256="ab" * 32, phash="0f" * 8, low_information=False,
+                  original_width=640, original_height=480, sha256="cd" * 32)
+    return record
+
+
+def test_segments_round_trip_by_reference(tmp_path):
+    writer = SegmentWriter(str(tmp_path), max_records=2, max_bytes=1 << 20)
+    originals = [staged_record(i) for i in range(5)]
+    slim = [writer.stage(dict(r)) for r in originals]
+    assert len(list_indexes(str(tmp_path))) == 2  # two full segments closed, the third still open
+    writer.close()
+    indexes = list_indexes(str(tmp_path))
+    assert len(indexes) == 3 == len(writer.closed_segments)
+    assert sorted(uid for path in indexes for uid, _ in read_index(path)) == sorted(r["uid"] for r in originals)
+    reader = StagedReader(str(tmp_path))
+    for original, record in zip(originals, slim):
+        assert set(record) == set(SLIM_FIELDS) and record["image_ref"]
+        assert "caption" not in record and "url" not in record  # details stay in the blob
+        meta, image = reader.read(record["image_ref"])
+        assert image == original["image"]
+        assert meta["caption"] == original["caption"] and meta["extra"] == {"lang": "en"}
+        whole = reader.rehydrate(record, with_image=True)
+        assert whole["image"] == original["image"] and whole["url"] == original["url"]
+    reader.close()
+
+
+def test_decided_fields_win_over_the_blob_and_signatures_leave_the_join(tmp_path):
+    writer = SegmentWriter(str(tmp_path), 10, 1 << 20)
+    record = writer.stage(staged_record(1))
+    writer.close()
+    record.update(status="duplicate_near", error="near: distance=2", duplicate_of="f" * 32)
+    moved = decided_only(record)
+    assert set(moved) == set(DECIDED_FIELDS)
+    meta, _ = StagedReader(str(tmp_path)).read(record["image_ref"])
+    whole = rehydrate(moved, meta)
+    assert whole["status"] == "duplicate_near" and whole["duplicate_of"] == "f" * 32
+    assert whole["phash"] == "0f" * 8 and whole["caption"] == "caption number 1"
+    unstaged = {"uid": "u", "status": "ok", "caption": "kept whole"}
+    assert decided_only(unstaged) is unstaged  # nothing in a blob: nothing dropped
+
+
+def test_damaged_staging_is_refused(tmp_path):
+    writer = SegmentWriter(str(tmp_path), 10, 1 << 20)
+    record = writer.stage(staged_record(3))
+    writer.close()
+    (data,) = glob.glob(str(tmp_path / "*.bin"))
+    raw = bytearray(open(data, "rb").read())
+    raw[-1] ^= 0xFF
+    open(data, "wb").write(bytes(raw))
+    with pytest.raises(StagingError):
+        StagedReader(str(tmp_path)).read(record["image_ref"])
+    with pytest.raises(StagingError):
+        StagedReader(str(tmp_path / "gone")).read(record["image_ref"])
+
+
+# --------------------------------------------------------------------------- whole runs
+
+N_ROWS = 120
+
+
+class CountingRoutes(dict):
+    """Routes that count requests per path and answer slowly, so a run can be killed mid-fetch."""
+
+    def __init__(self, routes, delay):
+        super().__init__(routes)
+        self.hits = {}
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def get(self, path, default=None):
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+        time.sleep(self.delay)
+        return super().get(path, default)
+
+
+def serve_counted(server, n, delay):
+    rows, routes = [], {}
+    for i in range(n):
+        image, caption = synthetic_image(31000 + i)
+        routes[f"/r/{i}.jpg"] = Route(encode(image))
+        rows.append({"url": server.url(f"/r/{i}.jpg"), "caption": caption})
+    counting = CountingRoutes(routes, delay)
+    server._server.routes = counting  # the handler reads the server's table
+    return rows, counting
+
+
+def settings(server):
+    return [f"fetch.allowed_hosts=[{server.host_port}]", "fetch.threads=4", "fetch.retries=0",
+            "clip.enabled=false", "output.samples_per_shard=16", "output.report=false",
+            "output.staging_segment_records=8"]
+
+
+def run_command(input_path, out, server):
+    command = [sys.executable, "-m", "paircurate.cli", "run", "--input", input_path, "--output", out]
+    for item in settings(server):
+        command += ["--set", item]
+    return command
+
+
+def ledger(root):
+    files = sorted(glob.glob(os.path.join(root, "metadata", "*.parquet")))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    return {r["uid"]: r for r in rows}
+
+
+def shard_bytes(root):
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(root, "shards", "*.tar")))}
+
+
+def test_killed_run_resumes_without_refetching(tmp_path, image_server, parquet_input):
+    rows, counting = serve_counted(image_server, N_ROWS, delay=0.05)
+    input_path = parquet_input(rows)
+    reference = str(tmp_path / "reference")
+    run_pipeline(input_path, reference, load_config(overrides=settings(image_server)))
+    counting.hits.clear()
+
+    out = str(tmp_path / "out")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1")
+    process = subprocess.Popen(run_command(input_path, out, image_server), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while sum(counting.hits.values()) < 0.8 * N_ROWS and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+
+    staging = glob.glob(os.path.join(out, "_staging", "*"))
+    assert len(staging) == 1
+    staged_uids = {uid for path in list_indexes(staging[0]) for uid, _ in read_index(path)}
+    assert staged_uids, "nothing was staged before the kill"
+    first_hits = dict(counting.hits)
+    counting.hits.clear()
+
+    stats = run_pipeline(input_path, out, load_config(overrides=settings(image_server)))
+    result, expected = ledger(out), ledger(reference)
+    by_url = {r["url"]: uid for uid, r in expected.items()}
+    path_of = {uid: r["url"].split(image_server.host_port, 1)[1] for uid, r in expected.items()}
+    # Nothing already staged was fetched again; everything else was fetched once more at most.
+    assert all(counting.hits.get(path_of[uid], 0) == 0 for uid in staged_uids)
+    assert sum(counting.hits.values()) == N_ROWS - len(staged_uids)
+    assert all(first_hits.get(path_of[uid], 0) == 1 for uid in staged_uids)
+    assert stats["resumed_rows"] == len(staged_uids)
+    # The same ledger and the same shard bytes as a run that was never killed.
+    assert set(result) == set(expected) == set(by_url.values())
+    for uid, row in expected.items():
+        for column in ("status", "error", "duplicate_of", "shard", "key", "sha256", "image_sha256", "phash",
+                       "width", "height", "caption", "url"):
+            assert result[uid][column] == row[column], (uid, column)
+    assert shard_bytes(out) == shard_bytes(reference) and shard_bytes(out)
+    assert not os.path.exists(os.path.join(out, "_staging"))  # removed once finished

@@ -78,7 +78,9 @@ def cli(verbose: bool) -> None:
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST:PORT",
               help="Exempt HOST:PORT from the private-address block (e.g. a loopback test server); repeatable.")
 @click.option("--no-clip", is_flag=True, help="Skip CLIP scoring (same as --set clip.enabled=false).")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in the output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete a finished run, or files paircurate did not write, in the output folder "
+                   "before running (the old run is gone even if the new one fails).")
 @click.option("--run-id", default=None, metavar="ID",
               help="Nightly mode: write to OUTPUT/runs/ID, dedup against every earlier finished "
                    "run under OUTPUT, and do nothing if ID already succeeded.")
@@ -205,7 +207,9 @@ def inspect(output: str, statuses: Sequence[str], limit: int, columns: Optional[
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config key; repeatable (e.g. clip.model=ViT-L-14, clip.keep_fraction=0.3).")
 @click.option("--runner", default=None, help="Beam runner.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in the output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete a finished run, or files paircurate did not write, in the output folder "
+                   "before running (the old run is gone even if the new one fails).")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def score(input_glob: str, output: str, config_path: Optional[str], sets: Sequence[str],
           runner: Optional[str], overwrite: bool, beam_args: Sequence[str]) -> None:

@@ -1,13 +1,16 @@
 """Running the pipeline: output folder checks, runner options, finalisation (stats, manifest, _SUCCESS)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
 import re
+import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
@@ -16,17 +19,22 @@ from paircurate import __version__
 from paircurate.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
 from paircurate.graph import OutputLayout, build, plan_input
+from paircurate.lock import LockError, OutputLock
 from paircurate.schema import STATUS_ORDER
 from paircurate.transforms.write import read_json, write_json
 
 _LOG = logging.getLogger(__name__)
 
 SUCCESS_MARKER = "_SUCCESS"
+#: Written when a run starts in a folder (what started it, when): the folder's
+#: files are paircurate's, so an unfinished run may be cleared without --overwrite.
+RUN_MARKER = "_PAIRCURATE_RUN"
 #: What a run writes under its output folder; cleared before a (re)run.
 RUN_OUTPUTS = ("shards", "metadata", "embeddings", "_work", "stats.json", "manifest.json",
-               "report.html", "report.html.incomplete", SUCCESS_MARKER, "_staging")
-#: What an unfinished run keeps for the next try (staged images: a rerun resumes from them).
-RESUMABLE = ("_staging",)
+               "report.html", "report.html.incomplete", SUCCESS_MARKER)
+#: Names under the output folder that survive the clearing of an unfinished
+#: paircurate run (work a rerun resumes from: staged images); --overwrite deletes them too.
+RESUMABLE: Tuple[str, ...] = ("_staging",)
 
 
 class RunError(RuntimeError):
@@ -37,17 +45,69 @@ def is_finished(root: str) -> bool:
     return FileSystems.exists(FileSystems.join(root, SUCCESS_MARKER))
 
 
-def prepare_output(root: str, overwrite: bool) -> None:
-    """Refuse a finished run unless overwriting; clear what an unfinished one left."""
-    if is_finished(root) and not overwrite:
+def is_paircurate_run(root: str) -> bool:
+    """True when paircurate started a run here (its marker), or finished one (_SUCCESS)."""
+    return FileSystems.exists(FileSystems.join(root, RUN_MARKER)) or is_finished(root)
+
+
+def prepare_output(root: str, overwrite: bool, command: Optional[str] = None) -> None:
+    """Make ``root`` ready for a new run, or refuse.
+
+    A finished run is replaced only with ``overwrite``; files paircurate did not
+    write (no marker, no _SUCCESS) are deleted only with ``overwrite``; what an
+    unfinished paircurate run left is cleared, except the RESUMABLE names.
+    The marker is written before anything is deleted and _SUCCESS is deleted
+    first, so a kill at any point leaves a folder that is recognisably an
+    unfinished paircurate run, never a "finished" one with parts missing.
+    Callers hold the folder's lock (claim_output).
+    """
+    finished = is_finished(root)
+    if finished and not overwrite:
         raise RunError(f"{root} already holds a finished run; pass --overwrite to replace it")
-    stale = [FileSystems.join(root, name) for name in RUN_OUTPUTS
-             if overwrite or name not in RESUMABLE]
-    stale = [path for path in stale if FileSystems.exists(path)]
-    if stale:
-        FileSystems.delete(stale)
+    names = RUN_OUTPUTS + RESUMABLE
+    present = [name for name in names if FileSystems.exists(FileSystems.join(root, name))]
+    if present and not overwrite and not is_paircurate_run(root):
+        raise RunError(f"{root} holds {', '.join(present)}, which paircurate did not write "
+                       f"(no {RUN_MARKER} marker); pass --overwrite to delete them, or choose another folder")
     if "://" not in root:
         os.makedirs(root, exist_ok=True)
+    write_marker(root, {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "host": platform.node(), "pid": os.getpid(), "paircurate": __version__})
+    if SUCCESS_MARKER in present:
+        FileSystems.delete([FileSystems.join(root, SUCCESS_MARKER)])
+    keep = () if overwrite else RESUMABLE
+    stale = [FileSystems.join(root, name) for name in present if name != SUCCESS_MARKER and name not in keep]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def write_marker(root: str, info: Dict[str, Any]) -> None:
+    """Write the run marker; on a local disk it replaces the old one atomically, never leaving none."""
+    path = FileSystems.join(root, RUN_MARKER)
+    if "://" in root:
+        write_json(path, info)  # object stores: delete-then-rename, a short window without a marker
+        return
+    temp = path + ".incomplete"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2, sort_keys=True)
+    os.replace(temp, path)
+
+
+@contextlib.contextmanager
+def claim_output(root: str, overwrite: bool, command: Optional[str] = None) -> Iterator[OutputLock]:
+    """Lock ``root`` for this run, prepare it, and release the lock at the end (success or failure)."""
+    command = command if command is not None else " ".join(sys.argv)
+    try:
+        lock = OutputLock.acquire(root, command)
+    except LockError as exc:
+        raise RunError(str(exc)) from None
+    try:
+        prepare_output(root, overwrite, command)
+        yield lock
+    finally:
+        lock.release()
 
 
 def beam_options(config: Config, extra_args: Sequence[str] = ()) -> PipelineOptions:
@@ -185,19 +245,21 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     plan = plan_input(input_pattern, config)  # fails early on missing or unreadable input
     options = beam_options(config, extra_args)
     dry_run = options.view_as(TestOptions).dry_run
-    if not dry_run:
-        prepare_output(output_root, overwrite)
-    started = time.time()
-    pipeline = make_pipeline(config.runner.runner, options)
-    build(pipeline, plan, config, layout)
-    result = pipeline.run()
-    if dry_run:  # Dataflow's --dry_run builds the job and submits nothing
+    if dry_run:  # Dataflow's --dry_run builds the job and submits nothing: no output touched
+        pipeline = make_pipeline(config.runner.runner, options)
+        build(pipeline, plan, config, layout)
+        result = pipeline.run()
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
-    wait_until_done(result)
-    rows = input_rows(result)
-    return finalise(layout, config, started, rows,
-                    {"stages": stage_timings(result), **shuffle_stats(result, rows),
-                     "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0})
+    with claim_output(output_root, overwrite):
+        started = time.time()
+        pipeline = make_pipeline(config.runner.runner, options)
+        build(pipeline, plan, config, layout)
+        result = pipeline.run()
+        wait_until_done(result)
+        rows = input_rows(result)
+        return finalise(layout, config, started, rows,
+                        {"stages": stage_timings(result), **shuffle_stats(result, rows),
+                         "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0})
 
 
 def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:

@@ -349,7 +349,7 @@ def write_webdataset(path, n, with_uid=lambda i: i % 2 == 0):
 
 
 def test_run_score_rescores_webdataset(tmp_path):
-    from paircurate.score import derived_uid, run_score
+    from paircurate.score import run_score, sample_uid
 
     os.makedirs(tmp_path / "in")
     samples = write_webdataset(tmp_path / "in" / "00000.tar", 12)
@@ -359,12 +359,12 @@ def test_run_score_rescores_webdataset(tmp_path):
     stats = run_score(str(tmp_path / "in" / "*.tar"), str(out), config)
     ledger = pq.read_table(sorted(glob.glob(str(out / "metadata" / "*.parquet")))).to_pylist()
     assert len(ledger) == 12 and stats["ledger_rows"] == 12
-    expected_uids = {uid or derived_uid(key) for key, uid, _ in samples}
+    expected_uids = {sample_uid("00000.tar", key) for key, _, _ in samples}  # never the json's uid
     assert {row["uid"] for row in ledger} == expected_uids
     assert sum(row["status"] == "ok" for row in ledger) == 6
     assert sum(row["status"] == "clip_filtered" for row in ledger) == 6
     assert all(row["clip_score"] is not None for row in ledger)
-    captions = {uid or derived_uid(key): caption for key, uid, caption in samples}
+    captions = {sample_uid("00000.tar", key): caption for key, _, caption in samples}
     assert all(row["caption"] == captions[row["uid"]] for row in ledger)
     kept = {row["uid"] for row in ledger if row["status"] == "ok"}
     assert min(r["clip_score"] for r in ledger if r["uid"] in kept) >= \

@@ -13,7 +13,7 @@ from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image
 from paircurate.graph import OutputLayout, build, plan_input
 from paircurate.imageserver import Route
-from paircurate.run import earlier_runs, run_nightly, run_pipeline
+from paircurate.run import RUN_MARKER, earlier_runs, run_nightly, run_pipeline
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_pipeline import build_rows, config_for, read_ledger  # noqa: E402
@@ -141,6 +141,7 @@ def test_nightly_restarts_a_failed_run_cleanly(tmp_path, image_server, parquet_i
     root = str(tmp_path / "dataset")
     target = os.path.join(root, "runs", "2026-11-24")
     os.makedirs(os.path.join(target, "shards"))
+    open(os.path.join(target, RUN_MARKER), "w").write("{}")  # paircurate started a run here
     stale = os.path.join(target, "shards", "00042.tar")
     open(stale, "wb").write(b"half-written")
     stats = run_nightly(path, root, "2026-11-24", config_for(image_server))

@@ -59,13 +59,15 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
     return InputPlan(tasks, carried, has_captions)
 
 
-def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout) -> None:
+def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout,
+          resume: bool = True) -> None:
     """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip -> write.
 
     Image bytes are staged (transforms/staging.py) before the first shuffle
     they would otherwise cross: right after hashing when dedup runs, else after
     CLIP (which then scores the bytes still in memory).  Records that a killed
-    run already staged are restored instead of fetched again.
+    run already staged are restored instead of fetched again (``resume``; a dry
+    run builds the job without looking at the output folder).
     """
     from paircurate.transforms.dedup import DeduplicateImages, HashImages
     from paircurate.transforms.fetch import FetchImages
@@ -78,7 +80,7 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
     records = (pipeline
                | "Read" >> ReadInput(plan.tasks, config.input, plan.carried)
                | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions))
-    indexes = list_indexes(staging)
+    indexes = list_indexes(staging) if resume else []
     if indexes:
         records = records | "Resume" >> RestoreStaged(staging, indexes)
     records = (records

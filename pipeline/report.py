@@ -751,7 +751,7 @@ def render_html(root: str, stats: Mapping[str, Any], summary: LedgerSummary, det
         f'<tr><td>kept samples / s</td><td class="n">{kept / duration if duration else 0:,.1f}</td></tr>'
         f'<tr><td>shard bytes / s</td><td class="n">{_bytes(shard_bytes / duration if duration else 0)}/s</td></tr>'
         '</table><p class="note">Overall figures for the whole run (start to finalisation).</p>'
-        + _stage_table(stats.get("stages") or {}) + '</section>')
+        + _stage_table(stats.get("stages") or {}) + _shuffle_table(stats) + '</section>')
 
     versions = stats.get("versions", {})
     version_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in versions.items())
@@ -888,6 +888,22 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], max_
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def _shuffle_table(stats: Mapping[str, Any]) -> str:
+    """Shuffle volume from stats.json: total, per input row, and the largest steps."""
+    total = stats.get("shuffle_bytes")
+    if total is None:
+        return '<p class="note">The runner reported no shuffle volume for this run.</p>'
+    per_row = stats.get("shuffle_bytes_per_row")
+    steps = sorted((stats.get("shuffle_bytes_by_step") or {}).items(), key=lambda kv: -kv[1])[:8]
+    rows = "".join(f'<tr><td>{esc(name)}</td><td class="n">{_bytes(n)}</td></tr>' for name, n in steps)
+    return ('<h3>Shuffle volume</h3><table style="width:auto" id="shuffle">'
+            f'<tr><td>total</td><td class="n" id="shuffle-bytes" data-value="{int(total)}">{_bytes(int(total))}</td></tr>'
+            f'<tr><td>per input row</td><td class="n" id="shuffle-per-row" data-value="{per_row}">'
+            f'{float(per_row or 0):,.0f} B</td></tr>' + rows + '</table>'
+            '<p class="note">Encoded bytes of the elements entering each shuffle and side input '
+            '(image bytes stay in staging and never enter one); the largest steps are listed.</p>')
 
 
 def _stage_table(stages: Mapping[str, Any]) -> str:

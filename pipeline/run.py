@@ -247,7 +247,7 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
     dry_run = options.view_as(TestOptions).dry_run
     if dry_run:  # Dataflow's --dry_run builds the job and submits nothing: no output touched
         pipeline = make_pipeline(config.runner.runner, options)
-        build(pipeline, plan, config, layout)
+        build(pipeline, plan, config, layout, resume=False)
         result = pipeline.run()
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
     with claim_output(output_root, overwrite):

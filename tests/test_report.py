@@ -167,6 +167,14 @@ def test_run_writes_report_and_stats_funnel(finished):
     on_disk = json.load(open(os.path.join(out, "stats.json")))
     assert on_disk["funnel"] == report.funnel(on_disk["by_status"]) == stats["funnel"]
     assert on_disk["funnel"][-1]["remaining"] == on_disk["kept"]
+    # Shuffle volume: the steps add up, image bytes never enter (a run with CLIP, dedup and shards).
+    steps = on_disk["shuffle_bytes_by_step"]
+    assert on_disk["shuffle_bytes"] == sum(steps.values()) > 0
+    assert on_disk["shuffle_bytes_per_row"] == pytest.approx(on_disk["shuffle_bytes"] / on_disk["rows_in"], abs=0.1)
+    assert {"GroupPairs", "GroupShards", "JoinDecisionsRecord", "GroupByPartition"} <= set(steps)
+    assert steps["GroupShards"] < on_disk["shard_bytes"]  # the shards' image bytes did not cross it
+    page = parse(open(os.path.join(out, "report.html"), encoding="utf-8").read())
+    assert int(page.by_id("shuffle-bytes")["data-value"]) == on_disk["shuffle_bytes"]
 
 
 def test_report_figures_equal_the_ledger(finished):

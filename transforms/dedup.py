@@ -122,7 +122,11 @@ def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]
 def sha_keyed(sig: Sig) -> Tuple[bytes, Sig]:
     """(sha256 as bytes, the signature without it): the exact step's shuffle carries the digest once."""
     uid, rank_, sha, phash, low = sig
-    return (bytes.fromhex(sha) if sha else b""), (uid, rank_, None, phash, low)
+    try:
+        key = bytes.fromhex(sha) if sha else b""
+    except ValueError:  # not hex (a hand-made history ledger): the text itself is the key
+        key = sha.encode("utf-8")
+    return key, (uid, rank_, None, phash, low)
 
 
 def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:

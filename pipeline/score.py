@@ -214,8 +214,15 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
                    | "Spread" >> beam.Reshuffle()
                    | "ReadShard" >> beam.ParDo(_ReadShard(input_root(paths), config.fetch.max_bytes))
                    | "Clip" >> stage)
+        staging = None
+        if filtering:  # kept samples cross two shuffles on their way to new shards: stage their bytes
+            from paircurate.transforms.staging import StageImages
+
+            staging = layout.staging(config)
+            records = records | "Stage" >> StageImages(staging, config.output.staging_segment_records,
+                                                       config.output.staging_segment_bytes)
         write_outputs(records, layout, config.output.samples_per_shard, pa.schema([]),
-                      write_shards=filtering)
+                      write_shards=filtering, staging=staging)
         result = pipeline.run()
         wait_until_done(result)
         threshold = (clip.min_score if clip.min_score is not None

@@ -3,8 +3,9 @@
 The graph (every global step is a shuffle; nothing collects all hashes in one worker):
 
 1. hash     live records -> image_sha256, phash, low_information; raw dropped.
-2. slim     (uid, rank, sha256, phash, low) signatures; the full records wait,
-            keyed by uid, for the decisions (heavy fields never enter steps 3-6).
+2. slim     (uid, rank, sha256, phash, low) signatures; the records wait, keyed
+            by uid, for the decisions (staged records, their details and
+            bytes in staging, so only decided fields cross that join).
             History rows (status ok) join as signatures that always win.
 3. exact    GroupByKey(sha256): the best-ranked signature survives, the others
             are duplicate_exact of it.

@@ -1,11 +1,13 @@
 """Writers: sequentially numbered WebDataset shards, the Parquet ledger, run summaries.
 
-Shard numbering is a global step done with shuffles, not in one worker: the
-kept uids are spread over hash buckets, each bucket's count goes into a small
-side input, and a uid's global position is its bucket's offset plus its rank
-inside the bucket.  Only uids travel through that step; the records join their
-shard number by uid afterwards.  Tar members are sorted and carry fixed
-metadata, so identical input and responses give identical bytes.
+Shard numbering is a global step done with shuffles, not in one worker: kept
+records are spread over rank groups (a hash bucket of the uid, then its first
+two hex digits), each group's count goes into a small side input, and a
+record's global position is its group's offset plus its rank inside the
+group; the records then meet in their shard.  Both shuffles move slim, packed
+records: image bytes and details stay in staging (transforms/staging.py)
+until the tar is written.  Tar members are sorted and carry fixed metadata,
+so identical input and responses give identical bytes.
 """
 from __future__ import annotations
 

@@ -141,6 +141,7 @@ stop() {
     rm -f "$state/pids/$name"
   done
   rm -f "$state/cluster.env"
+  rm -rf "$state/work"   # each Spark application's copy of the job's jars (~400 MB)
 }
 
 case "${1:-}" in

@@ -1,6 +1,6 @@
 """Rows/s of one input on the local runner and on a Spark standalone cluster, same machine.
 
-Generates N distinct images (the demo's generator, 256-512 px JPEGs), serves
+Generates N distinct images (the demo's generator, 200-640 px JPEGs), serves
 them from a loopback server in this process, and runs `paircurate run` in a
 subprocess on each runner with CLIP off (dedup on, the default config
 otherwise): first the local runner, then SparkRunner through the cluster

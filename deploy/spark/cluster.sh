@@ -93,7 +93,9 @@ start() {
   [ -x "$spark_home/bin/spark-class" ] && [ -f "$jobserver_lib/.complete" ] || fetch
   stop 2>/dev/null || true
   mkdir -p "$state/logs" "$state/pids" "$state/work" "$state/artifacts"
-  trap 'log "start failed; stopping what was started (logs in $state/logs)"; stop' ERR
+  # Whatever makes start fail (set -e), nothing it started is left running.
+  started=0
+  trap '[ "$started" = 1 ] || { log "start failed; stopping what was started (logs in $state/logs)"; stop; }' EXIT
   local t0=$SECONDS
   local master_port master_ui worker_ui pool_port job_port artifact_port expansion_port
   master_port=$(free_port); master_ui=$(free_port); worker_ui=$(free_port); pool_port=$(free_port)
@@ -119,7 +121,7 @@ start() {
   wait_for worker "Successfully registered with master" 120
   wait_for_port worker-pool "$pool_port" 60
   wait_for_port job-server "$job_port" 120
-  trap - ERR
+  started=1
   cat > "$state/cluster.env" <<ENV
 export PAIRCURATE_SPARK_JOB_ENDPOINT=127.0.0.1:$job_port
 export PAIRCURATE_SPARK_MASTER_URL=$master

@@ -113,17 +113,28 @@ def mark(record: Dict[str, Any], status: Status, error: Optional[str] = None) ->
 _PACKED_FIELDS = tuple(LEDGER_COLUMNS) + TRANSIENT_FIELDS
 
 
-def pack_record(record: Mapping[str, Any]) -> tuple:
-    """A record as a tuple of its values in a fixed field order, for shuffles.
+def _record_coder():
+    from apache_beam.coders import FastPrimitivesCoder  # Beam's own coder for Python values
 
-    Encoded, a dict repeats every field name in every element; the tuple
-    carries values only (about a third fewer bytes for a typical record).
+    return FastPrimitivesCoder()
+
+
+def pack_record(record: Mapping[str, Any]) -> bytes:
+    """A record as opaque bytes: its values in a fixed field order, encoded, for shuffles.
+
+    Encoded, a dict repeats every field name in every element; the values
+    alone are about a third fewer bytes.  And as one bytes object, a record
+    waiting in a local runner's grouping table costs its encoded size plus a
+    few dozen bytes, not a tuple of two dozen Python objects (several times more).
     """
-    return tuple(record.get(name) for name in _PACKED_FIELDS)
+    return _RECORD_CODER.encode(tuple(record.get(name) for name in _PACKED_FIELDS))
 
 
-def unpack_record(values: tuple) -> Dict[str, Any]:
-    return dict(zip(_PACKED_FIELDS, values))
+def unpack_record(packed: bytes) -> Dict[str, Any]:
+    return dict(zip(_PACKED_FIELDS, _RECORD_CODER.decode(packed)))
+
+
+_RECORD_CODER = _record_coder()
 
 
 def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str]) -> Dict[str, Any]:

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 #: Seconds between rewrites of a worker's progress file (only when its counts changed).
 FLUSH_SECONDS = 3.0
-#: Seconds between the launcher's reads of the progress files.
-POLL_SECONDS = 2.0
+#: Seconds between the launcher's reads of the progress files (local runs; remote runs, on object stores).
+POLL_SECONDS, REMOTE_POLL_SECONDS = 2.0, 10.0
 #: Seconds between two plain progress lines when the display is not a terminal.
 LINE_SECONDS = 30.0
 #: Seconds between two points of the timeline (rows/s over time in the report).
@@ -296,24 +296,30 @@ def format_errors(errors: Sequence[Tuple[str, int]]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in errors) or "none"
 
 
-def format_line(figures: Mapping[str, Any]) -> str:
-    """One line: rows read, fetched (success rate, top errors), decoded, kept, rows/s, ETA."""
+def format_line(figures: Mapping[str, Any], short: bool = False) -> str:
+    """One line: rows read, past fetch, fetched (success rate, top errors), decoded, kept, rows/s, ETA.
+
+    ``short`` leaves out what the tqdm bar above it already shows (rows past fetch, rows/s, ETA).
+    """
     total = figures["total"]
     about = "" if figures["total_known"] or total is None or figures["phase"] != "reading" else "~"
     parts = [f"read {_n(figures['read'])}/{about}{_n(total)}"]
-    through = f"fetched {_n(figures['fetched'])}"
-    if total:
-        through += f" ({100.0 * figures['through_fetch'] / total:.0f}% of rows past fetch)"
-    if figures["resumed"]:
-        through += f", {figures['resumed']:,} resumed"
-    parts.append(through)
+    if not short:
+        share = f" ({100.0 * figures['through_fetch'] / total:.0f}%)" if total else ""
+        parts.append(f"past fetch {_n(figures['through_fetch'])}/{_n(total)}{share}")
+    fetched = f"fetched {_n(figures['fetched'])}"
     if figures["success"] is not None:
-        parts.append(f"ok {100.0 * figures['success']:.1f}%, errors: {format_errors(figures['top_errors'])}")
+        fetched += f" ok {100.0 * figures['success']:.1f}%"
+        if figures["top_errors"]:
+            fetched += f" ({format_errors(figures['top_errors'])})"
+    if figures["resumed"]:
+        fetched += f", {figures['resumed']:,} resumed"
+    parts.append(fetched)
     parts.append(f"decoded {_n(figures['decoded'])}")
-    parts.append(f"written {_n(figures['written'])}, kept {_n(figures['kept'])}")
-    if figures["rate"] is not None:
+    parts.append(f"kept {_n(figures['kept'])} of {_n(figures['written'])} written")
+    if not short and figures["rate"] is not None:
         parts.append(f"{figures['rate']:,.1f} rows/s")
-    if figures["eta_s"] is not None:
+    if not short and figures["eta_s"] is not None:
         parts.append(f"ETA {duration(figures['eta_s'])}")
     parts.append(figures["phase"])
     return " | ".join(parts)
@@ -438,7 +444,7 @@ class Reporter:
         rate = f"{figures['rate']:,.1f} rows/s" if figures["rate"] is not None else "? rows/s"
         self._bar.set_postfix_str(f"{rate}, ETA {duration(figures['eta_s'])}", refresh=False)
         self._bar.refresh()
-        self._status.set_description_str(format_line(figures), refresh=True)
+        self._status.set_description_str(format_line(figures, short=True), refresh=True)
 
     # -- the background thread
     def start(self) -> "Reporter":

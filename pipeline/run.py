@@ -278,10 +278,11 @@ def metric_counts(result) -> Dict[str, int]:
 def watched(layout: OutputLayout, size: Dict[str, Any], display: str, runner: str,
             summary: Dict[str, Any], line_seconds: Optional[float] = None) -> Iterator["Reporter"]:
     """Sum the workers' progress files while the body runs the pipeline; ``summary`` gets the result."""
-    from paircurate.progress import LINE_SECONDS, Reporter
+    from paircurate.progress import LINE_SECONDS, POLL_SECONDS, REMOTE_POLL_SECONDS, Reporter
 
+    poll = POLL_SECONDS if runner in LOCAL_RUNNERS else REMOTE_POLL_SECONDS  # object stores: fewer reads
     reporter = Reporter(layout.progress, {**size, "runner": runner}, display,
-                        line_seconds=line_seconds or LINE_SECONDS).start()
+                        line_seconds=line_seconds or LINE_SECONDS, poll_seconds=poll).start()
     redirect = contextlib.nullcontext()
     if display == "bar":  # log lines printed above the bars, not through them
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -3,6 +3,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def test_view_counts_every_row_past_fetch_and_takes_rates_over_the_window():
     assert figures["eta_s"] == pytest.approx((1000 - 250) / 5.0)
     assert figures["phase"] == "fetching"
     line = format_line(figures)
-    assert "read 1,000/1,000" in line and "fetched 200" in line and "http_429 40" in line
-    assert "5.0 rows/s" in line and "ETA 0:02:30" in line
+    assert line == ("read 1,000/1,000 | past fetch 250/1,000 (25%) | fetched 200 ok 55.6% (http_429 40) | "
+                    "decoded 120 | kept 0 of 0 written | 5.0 rows/s | ETA 0:02:30 | fetching")
+    assert "rows/s" not in format_line(figures, short=True)  # the bar shows rate and ETA
 
 
 def test_text_inputs_estimate_rows_from_bytes_until_read_through():
@@ -123,7 +125,7 @@ def test_plain_lines_every_30_seconds_when_not_on_a_terminal(tmp_path):
         reporter.poll()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2  # at 31 s and 62 s, nothing in between
-    assert lines[0].startswith("progress 0:00:31: read 10/10 | fetched 4")
+    assert lines[0].startswith("progress 0:00:31: read 10/10 | past fetch 4/10 (40%) | fetched 4 ok 100.0%")
     summary = reporter.stop()
     assert summary["counts"] == {"read/rows": 10, "fetch/ok": 4}
     assert summary["timeline"][0][2] == 4
@@ -260,3 +262,55 @@ def test_beam_bigquery_note_is_not_shown():
     quiet = subprocess.run([sys.executable, "-c", script.format("import paircurate.cli")], capture_output=True,
                            text=True, env=env)
     assert quiet.returncode == 0 and "apitools not found" not in quiet.stderr
+
+
+# --------------------------------------------------------------------------- report and remote runners
+
+def test_report_draws_rows_per_second_over_time():
+    from paircurate.report import _timeline_table
+
+    points = [[0.0, 100, 0, 0, 0], [10.0, 100, 50, 40, 0], [20.0, 100, 100, 80, 0], [30.0, 100, 100, 80, 100]]
+    html = _timeline_table({"progress": {"timeline": points}})
+    rates = [float(v) for v in re.findall(r'data-rate="([0-9.]+)"', html)]
+    assert rates == [5.0, 5.0, 0.0]
+    assert "No progress timeline" in _timeline_table({})
+
+
+class FakeCounter:
+    def __init__(self, namespace, name, value):
+        from types import SimpleNamespace
+        self.key = SimpleNamespace(metric=SimpleNamespace(namespace=namespace, name=name))
+        self.attempted, self.committed = value, None
+
+
+class FakeResult:
+    def __init__(self, counters, job="2026-11-27_01_02_03-123"):
+        self._counters, self._job = counters, job
+
+    def metrics(self):
+        counters = self._counters
+        from types import SimpleNamespace
+        return SimpleNamespace(query=lambda _filter: {"counters": counters})
+
+    def job_id(self):
+        return self._job
+
+
+def test_remote_runner_metrics_give_the_same_counts_and_the_job_is_named():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from paircurate.run import job_lines, metric_counts
+
+    result = FakeResult([FakeCounter("read", "rows", 10), FakeCounter("fetch", "ok", 6),
+                         FakeCounter("fetch", "ok", 1), FakeCounter("fetch", "bytes", 9999),
+                         FakeCounter("fetch", "http_404", 2), FakeCounter("resize", "ok", 5),
+                         FakeCounter("shuffle", "GroupPairs", 77)])
+    assert metric_counts(result) == {"read/rows": 10, "fetch/ok": 7, "fetch/http_404": 2, "resize/ok": 5}
+    assert job_lines(result, PipelineOptions([])) == ["job id: 2026-11-27_01_02_03-123"]
+
+    class DataflowPipelineResult(FakeResult):
+        pass
+
+    options = PipelineOptions(["--region=us-central1", "--project=P"])
+    assert job_lines(DataflowPipelineResult([]), options)[1] == (
+        "console: https://console.cloud.google.com/dataflow/jobs/us-central1/2026-11-27_01_02_03-123?project=P")

@@ -65,9 +65,10 @@ class ConcurrentRecordFn(beam.DoFn):
     #: Beam metrics namespace for per-outcome counters.
     namespace = "work"
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, progress: Optional[str] = None):
         self._threads = max(1, threads)
         self._max_in_flight = 2 * self._threads
+        self._progress_dir = progress  # the run's progress folder (paircurate.progress); None: not counted
 
     def work(self, record):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -78,6 +79,9 @@ class ConcurrentRecordFn(beam.DoFn):
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix=self.namespace)
         self._counters = {}
         self._work_time = beam.metrics.Metrics.distribution(self.namespace, WORK_TIME_METRIC)
+        from paircurate.progress import PASSED, RESUMED, tally
+        self._tally = tally(getattr(self, "_progress_dir", None))
+        self._passed_keys = {True: f"{self.namespace}/{RESUMED}", False: f"{self.namespace}/{PASSED}"}
 
     def start_bundle(self) -> None:
         import queue
@@ -106,6 +110,8 @@ class ConcurrentRecordFn(beam.DoFn):
         if name not in self._counters:
             self._counters[name] = beam.metrics.Metrics.counter(self.namespace, name)
         self._counters[name].inc()
+        if self._tally is not None:
+            self._tally.add(f"{self.namespace}/{name}")
 
     def _emit(self, block: bool):
         import queue
@@ -129,6 +135,8 @@ class ConcurrentRecordFn(beam.DoFn):
 
         # A record restored from staging (a resumed run) has its image already: no work.
         if not is_live(record) or record.get("image_ref"):
+            if self._tally is not None:  # progress: every row passes this stage, worked on or not
+                self._tally.add(self._passed_keys[is_live(record)])
             yield record
             return
         self._executor.submit(self._run, (record, timestamp, window))

@@ -3,12 +3,31 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
-from paircurate.config import ConfigError, load_config
+
+class _IrrelevantWarnings(logging.Filter):
+    """Drops library notes that do not concern a paircurate run.
+
+    Beam logs, on the root logger as it is imported, that BigQuery's client
+    libraries are missing (apitools) wherever the [gcp] extra is not installed;
+    paircurate never uses BigQuery.
+    """
+
+    NOTES = ("apitools not found, and bigquery client libraries are not available",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(str(record.msg).startswith(note) for note in self.NOTES)
+
+
+# Before anything imports Beam: the note is logged at import time.
+logging.getLogger().addFilter(_IrrelevantWarnings())
+
+from paircurate.config import ConfigError, load_config  # noqa: E402
 
 def _user_errors() -> tuple:
     """Errors a user can cause: they end with one line, not a traceback."""
@@ -34,6 +53,13 @@ def _overrides(sets: Sequence[str], allow_hosts: Sequence[str], no_clip: bool,
     if runner:
         overrides.append(f"runner.runner={runner}")
     return overrides
+
+
+def display_mode(quiet: bool) -> str:
+    """How progress is shown: tqdm on a terminal, a plain line every 30 s otherwise, nothing with --quiet."""
+    if quiet:
+        return "off"
+    return "bar" if sys.stderr.isatty() else "lines"
 
 
 def print_summary(stats: Dict[str, Any], output: str) -> None:
@@ -84,29 +110,37 @@ def cli(verbose: bool) -> None:
 @click.option("--run-id", default=None, metavar="ID",
               help="Nightly mode: write to OUTPUT/runs/ID, dedup against every earlier finished "
                    "run under OUTPUT, and do nothing if ID already succeeded.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Show no progress while the run goes (`paircurate status OUTPUT` still can).")
+@click.option("--progress-every", default=None, type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="When stderr is not a terminal: seconds between two progress lines [default: 30].")
 @click.argument("beam_args", nargs=-1, type=click.UNPROCESSED)
 def run(input_path: str, output: str, config_path: Optional[str], sets: Sequence[str],
         runner: Optional[str], allow_hosts: Sequence[str], no_clip: bool, overwrite: bool,
-        run_id: Optional[str], beam_args: Sequence[str]) -> None:
+        run_id: Optional[str], quiet: bool, progress_every: Optional[float],
+        beam_args: Sequence[str]) -> None:
     """Run the curation pipeline on INPUT, writing shards and the ledger to OUTPUT.
 
     Arguments after `--` go to Beam untouched (e.g. -- --project=P --region=R).
     """
     from paircurate.run import run_dir, run_nightly, run_pipeline
 
+    display = display_mode(quiet)
     try:
         config = load_config(config_path, _overrides(sets, allow_hosts, no_clip, runner))
         if run_id:
             if overwrite:
                 raise click.UsageError("--run-id and --overwrite do not go together")
             target = run_dir(output, run_id)
-            stats = run_nightly(input_path, output, run_id, config, list(beam_args))
+            stats = run_nightly(input_path, output, run_id, config, list(beam_args), display=display,
+                                line_seconds=progress_every)
             if stats is None:
                 click.echo(f"run {run_id} already succeeded ({target}); nothing to do")
                 return
             output = target
         else:
-            stats = run_pipeline(input_path, output, config, list(beam_args), overwrite=overwrite)
+            stats = run_pipeline(input_path, output, config, list(beam_args), overwrite=overwrite,
+                                 display=display, line_seconds=progress_every)
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     if stats.get("dry_run"):
@@ -119,7 +153,8 @@ def run(input_path: str, output: str, config_path: Optional[str], sets: Sequence
 @click.option("--output", default="paircurate-demo", show_default=True, help="Output folder.")
 @click.option("--images", default=240, show_default=True, help="Number of distinct images to generate.")
 @click.option("--no-clip", is_flag=True, help="Skip CLIP scoring.")
-def demo(output: str, images: int, no_clip: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Show no progress while the run goes.")
+def demo(output: str, images: int, no_clip: bool, quiet: bool) -> None:
     """Run the whole pipeline offline on a generated sample served from loopback.
 
     Generates images and captions (with duplicates, broken URLs, non-images,
@@ -149,7 +184,7 @@ def demo(output: str, images: int, no_clip: bool) -> None:
                    f"CLIP {'on (tiny random-weight model)' if clip_available else 'off'}")
         try:
             config = load_config(None, demo_overrides(server.host_port, clip_available))
-            stats = run_pipeline(input_path, output, config, overwrite=overwrite)
+            stats = run_pipeline(input_path, output, config, overwrite=overwrite, display=display_mode(quiet))
         except _user_errors() as exc:
             raise click.ClickException(str(exc)) from None
     print_summary(stats, output)
@@ -197,6 +232,20 @@ def inspect(output: str, statuses: Sequence[str], limit: int, columns: Optional[
     click.echo(f"{len(rows)} of {matching} rows{where}")
 
 # --- end report and inspect
+
+
+@cli.command()
+@click.argument("output")
+def status(output: str) -> None:
+    """Show how far the run in OUTPUT is: running, interrupted or finished, and its progress.
+
+    Works from another terminal while `paircurate run` goes, and after a run
+    was killed (the figures are those its workers last wrote).
+    """
+    from paircurate.progress import status_lines
+
+    for line in status_lines(output):
+        click.echo(line)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -33,6 +33,11 @@ class OutputLayout:
         return FileSystems.join(self.root, "_work")
 
     @property
+    def progress(self) -> str:
+        """Workers' progress files (paircurate.progress); deleted with _work when the run is finished."""
+        return FileSystems.join(self.work, "progress")
+
+    @property
     def embeddings(self) -> str:
         return FileSystems.join(self.root, "embeddings")
 
@@ -60,14 +65,15 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
 
 
 def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout,
-          resume: bool = True) -> None:
+          resume: bool = True, progress: bool = True) -> None:
     """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip -> write.
 
     Image bytes are staged (transforms/staging.py) before the first shuffle
     they would otherwise cross: right after hashing when dedup runs, else after
     CLIP (which then scores the bytes still in memory).  Records that a killed
     run already staged are restored instead of fetched again (``resume``; a dry
-    run builds the job without looking at the output folder).
+    run builds the job without looking at the output folder).  With ``progress``,
+    the read, fetch, decode and ledger steps tally rows for paircurate.progress.
     """
     from paircurate.transforms.dedup import DeduplicateImages, HashImages
     from paircurate.transforms.fetch import FetchImages
@@ -77,15 +83,16 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
     staging = layout.staging(config)
     stage = StageImages(staging, config.output.staging_segment_records,
                         config.output.staging_segment_bytes)
+    watch = layout.progress if progress else None
     records = (pipeline
-               | "Read" >> ReadInput(plan.tasks, config.input, plan.carried)
+               | "Read" >> ReadInput(plan.tasks, config.input, plan.carried, watch)
                | "Validate" >> ValidateAndFilter(config.filter, plan.has_captions))
     indexes = list_indexes(staging) if resume else []
     if indexes:
         records = records | "Resume" >> RestoreStaged(staging, indexes)
     records = (records
-               | "Fetch" >> FetchImages(config.fetch)
-               | "Decode" >> DecodeAndResize(config.image)
+               | "Fetch" >> FetchImages(config.fetch, watch)
+               | "Decode" >> DecodeAndResize(config.image, watch)
                | "Hash" >> HashImages(config.dedup))
     if config.dedup.enabled:
         records = (records
@@ -94,7 +101,8 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
     records = add_clip(records, config, layout.root, staging)
     if not config.dedup.enabled:
         records = records | "Stage" >> stage
-    write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging)
+    write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging,
+                  progress=watch)
 
 
 def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
@@ -111,7 +119,8 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
 
 
 def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried: pa.Schema,
-                  write_shards: bool = True, staging: Optional[str] = None) -> None:
+                  write_shards: bool = True, staging: Optional[str] = None,
+                  progress: Optional[str] = None) -> None:
     """Live records -> shards; every record -> the ledger; plus the manifest and counts work files.
 
     Without ``write_shards`` (rescoring without a filter: the input shards stay
@@ -132,4 +141,4 @@ def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried
         (records.pipeline
          | "NoShards" >> beam.Create([None])
          | "EmptyManifest" >> beam.Map(lambda _: write_json(manifest_path, [])))
-    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, carried)
+    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, carried, progress)

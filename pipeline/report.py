@@ -751,7 +751,7 @@ def render_html(root: str, stats: Mapping[str, Any], summary: LedgerSummary, det
         f'<tr><td>kept samples / s</td><td class="n">{kept / duration if duration else 0:,.1f}</td></tr>'
         f'<tr><td>shard bytes / s</td><td class="n">{_bytes(shard_bytes / duration if duration else 0)}/s</td></tr>'
         '</table><p class="note">Overall figures for the whole run (start to finalisation).</p>'
-        + _stage_table(stats.get("stages") or {}) + _shuffle_table(stats) + '</section>')
+        + _timeline_table(stats) + _stage_table(stats.get("stages") or {}) + _shuffle_table(stats) + '</section>')
 
     versions = stats.get("versions", {})
     version_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in versions.items())
@@ -904,6 +904,30 @@ def _shuffle_table(stats: Mapping[str, Any]) -> str:
             f'{float(per_row or 0):,.0f} B</td></tr>' + rows + '</table>'
             '<p class="note">Encoded bytes of the elements entering each shuffle and side input '
             '(image bytes stay in staging and never enter one); the largest steps are listed.</p>')
+
+
+def _timeline_table(stats: Mapping[str, Any]) -> str:
+    """Rows/s over time, from the progress timeline the launcher kept (stats.json: progress.timeline)."""
+    from paircurate.progress import duration, throughput_series
+
+    progress = stats.get("progress") if isinstance(stats.get("progress"), Mapping) else {}
+    try:
+        series = throughput_series(progress.get("timeline") or [])
+    except (TypeError, ValueError, IndexError):
+        series = []
+    if not series:
+        return '<p class="note">No progress timeline was recorded for this run.</p>'
+    peak = max(rate for _, _, rate in series) or 1.0
+    rows = "".join(
+        f'<tr><td>{duration(start)} – {duration(end)}</td><td class="n" data-rate="{rate:.3f}">{rate:,.1f}</td>'
+        f'<td><div style="background:#4c78a8;height:0.8em;width:{max(0.0, 100.0 * rate / peak):.1f}%;'
+        f'min-width:1px"></div></td></tr>'
+        for start, end, rate in series)
+    return ('<h3>Over time</h3><table style="width:auto;min-width:24em" id="timeline"><tr><th>elapsed</th>'
+            '<th>rows / s past fetch</th><th style="width:12em"></th></tr>' + rows + '</table>'
+            '<p class="note">Rows that passed the fetch stage per second (fetched, or already decided), '
+            'from the progress the workers reported while the run went. Dedup, CLIP and the writers '
+            'follow the last fetch.</p>')
 
 
 def _stage_table(stages: Mapping[str, Any]) -> str:

@@ -238,9 +238,84 @@ def wait_until_done(result) -> None:
         raise RunError(f"the pipeline ended in state {state}; the output is not marked finished")
 
 
+# --- progress (owned by paircurate.progress) ---------------------------------------------
+
+def job_lines(result, options: PipelineOptions) -> List[str]:
+    """What a remote runner's job is called and where to watch it (Dataflow: its console URL)."""
+    job_id = None
+    if callable(getattr(result, "job_id", None)):
+        try:
+            job_id = result.job_id()
+        except Exception:  # noqa: BLE001 - a runner without a job id
+            job_id = None
+    job_id = job_id or getattr(result, "_job_id", None)
+    if not job_id:
+        return []
+    lines = [f"job id: {job_id}"]
+    if type(result).__name__ == "DataflowPipelineResult":
+        from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+        gcp = options.view_as(GoogleCloudOptions)
+        lines.append(f"console: https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id}"
+                     f"?project={gcp.project}")
+    return lines
+
+
+def metric_counts(result) -> Dict[str, int]:
+    """Progress counts from a runner's metrics (the read rows and the fetch and decode outcomes)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counts: Dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace, name = counter.key.metric.namespace, counter.key.metric.name
+        if (namespace, name) == ("read", "rows") or (namespace in ("fetch", "resize") and name != "bytes"):
+            key = f"{namespace}/{name}"
+            counts[key] = counts.get(key, 0) + int(counter.attempted or counter.committed or 0)
+    return counts
+
+
+@contextlib.contextmanager
+def watched(layout: OutputLayout, size: Dict[str, Any], display: str, runner: str,
+            summary: Dict[str, Any], line_seconds: Optional[float] = None) -> Iterator["Reporter"]:
+    """Sum the workers' progress files while the body runs the pipeline; ``summary`` gets the result."""
+    from paircurate.progress import LINE_SECONDS, POLL_SECONDS, REMOTE_POLL_SECONDS, Reporter
+
+    poll = POLL_SECONDS if runner in LOCAL_RUNNERS else REMOTE_POLL_SECONDS  # object stores: fewer reads
+    reporter = Reporter(layout.progress, {**size, "runner": runner}, display,
+                        line_seconds=line_seconds or LINE_SECONDS, poll_seconds=poll).start()
+    redirect = contextlib.nullcontext()
+    if display == "bar":  # log lines printed above the bars, not through them
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        redirect = logging_redirect_tqdm()
+    try:
+        with redirect:
+            yield reporter
+    finally:
+        summary.update(reporter.stop())
+
+
+def start_and_wait(pipeline, options: PipelineOptions, reporter, remote: bool):
+    """Run the pipeline; a remote job's id (and console URL) is printed, its metrics feed the display."""
+    result = pipeline.run()
+    lines = job_lines(result, options) if remote else []
+    if lines:  # a remote job: printed whatever the display, the job id is how one finds it again
+        reporter.metrics = lambda: metric_counts(result)
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+    wait_until_done(result)
+    return result
+
+# --- end progress
+
+
 def run_pipeline(input_pattern: str, output_root: str, config: Config,
-                 extra_args: Sequence[str] = (), overwrite: bool = False) -> Dict[str, Any]:
-    """Run the whole job; return the stats written to stats.json."""
+                 extra_args: Sequence[str] = (), overwrite: bool = False,
+                 display: str = "off", line_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """Run the whole job; return the stats written to stats.json.
+
+    ``display``: how progress is shown while it runs (paircurate.progress.Reporter):
+    "bar" (tqdm, on a terminal), "lines" (a plain line every ``line_seconds``, 30 s) or "off".
+    """
     layout = OutputLayout(output_root)
     plan = plan_input(input_pattern, config)  # fails early on missing or unreadable input
     options = beam_options(config, extra_args)
@@ -250,16 +325,22 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
         build(pipeline, plan, config, layout, resume=False)
         result = pipeline.run()
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
+    from paircurate.progress import input_size
+
     with claim_output(output_root, overwrite):
         started = time.time()
         pipeline = make_pipeline(config.runner.runner, options)
         build(pipeline, plan, config, layout)
-        result = pipeline.run()
-        wait_until_done(result)
+        progress: Dict[str, Any] = {}
+        with watched(layout, input_size(plan.tasks), display, config.runner.runner, progress,
+                     line_seconds) as reporter:
+            result = start_and_wait(pipeline, options, reporter,
+                                    remote=config.runner.runner not in LOCAL_RUNNERS)
         rows = input_rows(result)
         return finalise(layout, config, started, rows,
                         {"stages": stage_timings(result), **shuffle_stats(result, rows),
-                         "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0})
+                         "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0,
+                         "progress": progress})
 
 
 def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:
@@ -346,7 +427,8 @@ def history_globs(run_paths: Sequence[str]) -> List[str]:
 
 
 def run_nightly(input_pattern: str, root: str, run_id: str, config: Config,
-                extra_args: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+                extra_args: Sequence[str] = (), display: str = "off",
+                line_seconds: Optional[float] = None) -> Optional[Dict[str, Any]]:
     """One incremental run: dedup against every earlier finished run under ROOT.
 
     Returns None (and does nothing) when this run id already succeeded; a run
@@ -357,4 +439,5 @@ def run_nightly(input_pattern: str, root: str, run_id: str, config: Config,
         return None
     earlier = earlier_runs(root, run_id)
     config.dedup.history = list(config.dedup.history) + history_globs(earlier)
-    return run_pipeline(input_pattern, target, config, extra_args, overwrite=False)
+    return run_pipeline(input_pattern, target, config, extra_args, overwrite=False, display=display,
+                        line_seconds=line_seconds)

@@ -175,6 +175,9 @@ def test_run_writes_report_and_stats_funnel(finished):
     assert steps["GroupShards"] < on_disk["shard_bytes"]  # the shards' image bytes did not cross it
     page = parse(open(os.path.join(out, "report.html"), encoding="utf-8").read())
     assert int(page.by_id("shuffle-bytes")["data-value"]) == on_disk["shuffle_bytes"]
+    # Rows/s over time, from the progress the workers reported; the final sums match the ledger.
+    assert page.by_id("timeline") is not None and page.with_attr("data-rate")
+    assert on_disk["progress"]["counts"]["read/rows"] == on_disk["rows_in"]
 
 
 def test_report_figures_equal_the_ledger(finished):

@@ -787,8 +787,8 @@ class _FetchDoFn(ConcurrentRecordFn):
     failure_status = Status.FETCH_FAILED
     namespace = "fetch"
 
-    def __init__(self, config: FetchConfig):
-        super().__init__(config.threads)
+    def __init__(self, config: FetchConfig, progress: Optional[str] = None):
+        super().__init__(config.threads, progress)
         self._config = config
 
     def setup(self) -> None:
@@ -810,9 +810,10 @@ class _FetchDoFn(ConcurrentRecordFn):
 class FetchImages(beam.PTransform):
     """Records -> the same records, live ones fetched (raw, sha256, http_status, content_type) or marked."""
 
-    def __init__(self, config: FetchConfig):
+    def __init__(self, config: FetchConfig, progress: Optional[str] = None):
         super().__init__()
         self._config = config
+        self._progress = progress
 
     def expand(self, records):
-        return records | "Fetch" >> beam.ParDo(_FetchDoFn(self._config))
+        return records | "Fetch" >> beam.ParDo(_FetchDoFn(self._config, self._progress))

@@ -52,6 +52,8 @@ class ReadTask:
     compressed: bool
     start: int = 0       # byte offset, or row group index for Parquet
     end: int = -1        # byte offset (exclusive); -1: to the end
+    rows: int = -1       # rows in a Parquet row group (from the footer); -1: unknown
+    size: int = -1       # bytes of a text task (its range, or the whole file); -1: unknown
 
 
 def detect_format(path: str, configured: str = "auto") -> Tuple[str, bool]:
@@ -124,9 +126,9 @@ def plan_reads(pattern: str, config: InputConfig) -> List[ReadTask]:
         columns: List[str] = []
         schema: Optional[pa.Schema] = None
         if fmt == "parquet":
-            groups, schema = parquet_layout(path)
+            group_rows, schema = parquet_layout(path)
             columns = schema.names
-            tasks.extend(ReadTask(path, source, fmt, False, g, g + 1) for g in range(groups))
+            tasks.extend(ReadTask(path, source, fmt, False, g, g + 1, rows=n) for g, n in enumerate(group_rows))
         if fmt in ("csv", "tsv"):
             columns = header_of(path, fmt, compressed)
         # Every file must look like the first: the ledger has one schema.
@@ -142,19 +144,20 @@ def plan_reads(pattern: str, config: InputConfig) -> List[ReadTask]:
             check_same_types(first[0], first_schema, path, schema)
         if fmt in ("txt", "tsv", "jsonl") and not compressed and size > config.split_bytes:
             for start in range(0, size, config.split_bytes):
-                tasks.append(ReadTask(path, source, fmt, False, start,
-                                      min(start + config.split_bytes, size)))
+                end = min(start + config.split_bytes, size)
+                tasks.append(ReadTask(path, source, fmt, False, start, end, size=end - start))
         elif fmt != "parquet":  # Parquet's row-group tasks were added above
-            tasks.append(ReadTask(path, source, fmt, compressed))
+            tasks.append(ReadTask(path, source, fmt, compressed, size=size))
     return tasks
 
 
-def parquet_layout(path: str) -> Tuple[int, pa.Schema]:
-    """(row groups, Arrow schema) of a Parquet file, from its footer."""
+def parquet_layout(path: str) -> Tuple[List[int], pa.Schema]:
+    """(rows of each row group, Arrow schema) of a Parquet file, from its footer."""
     try:
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
-            return parquet.num_row_groups, parquet.schema_arrow
+            meta = parquet.metadata
+            return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)], parquet.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(f"{path} is not a readable Parquet file: {exc}") from None
 
@@ -628,26 +631,61 @@ def to_record(task: ReadTask, position: int, row: Dict[str, Any], config: InputC
     return new_record(uid, url, caption, task.source, position, extra)
 
 
+#: Rows between two progress reports of the bytes a text task has read.
+_BYTES_EVERY = 1024
+
+
+def offsets_are_bytes(task: ReadTask) -> bool:
+    """True when a task's row positions are byte offsets in its file (uncompressed TXT, TSV, JSONL)."""
+    return task.fmt in ("txt", "tsv", "jsonl") and not task.compressed
+
+
 class _ReadTaskFn(beam.DoFn):
-    def __init__(self, config: InputConfig, carried: Sequence[str], text_carried: bool):
+    def __init__(self, config: InputConfig, carried: Sequence[str], text_carried: bool,
+                 progress: Optional[str] = None):
         self._config = config
         self._carried = list(carried)
         self._text_carried = text_carried
+        self._progress_dir = progress
 
     def setup(self):
+        from paircurate.progress import tally
+
         self._rows = beam.metrics.Metrics.counter("read", "rows")
+        self._tally = tally(self._progress_dir)
 
     def process(self, task: ReadTask):
+        progress = self._tally
+        if progress is None:
+            for position, row in iter_rows(task):
+                self._rows.inc()
+                yield to_record(task, position, row, self._config, self._carried, self._text_carried)
+            return
+        # Progress: rows as they are read; bytes (text inputs, for the ETA) every
+        # _BYTES_EVERY rows where positions are offsets, else when the task ends.
+        by_offset, start, reported, pending = offsets_are_bytes(task), max(task.start, 0), 0, 0
         for position, row in iter_rows(task):
             self._rows.inc()
+            pending += 1
+            if pending == _BYTES_EVERY:
+                progress.add("read/rows", pending)
+                pending = 0
+                if by_offset and task.size >= 0:
+                    progress.add("read/bytes", position - start - reported)
+                    reported = position - start
             yield to_record(task, position, row, self._config, self._carried, self._text_carried)
+        progress.add("read/rows", pending)
+        if task.size >= 0:
+            progress.add("read/bytes", task.size - reported)
 
 
 class ReadInput(beam.PTransform):
     """Input files -> records; read tasks are spread over workers by a reshuffle."""
 
-    def __init__(self, tasks: Sequence[ReadTask], config: InputConfig, carried: pa.Schema):
+    def __init__(self, tasks: Sequence[ReadTask], config: InputConfig, carried: pa.Schema,
+                 progress: Optional[str] = None):
         super().__init__()
+        self._progress = progress
         self._tasks = list(tasks)
         self._config = config
         self._carried = [f.name for f in carried]
@@ -657,4 +695,5 @@ class ReadInput(beam.PTransform):
         return (pbegin
                 | "Tasks" >> beam.Create(self._tasks)
                 | "Spread" >> beam.Reshuffle()
-                | "Rows" >> beam.ParDo(_ReadTaskFn(self._config, self._carried, self._text_carried)))
+                | "Rows" >> beam.ParDo(_ReadTaskFn(self._config, self._carried, self._text_carried,
+                                                    self._progress)))

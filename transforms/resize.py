@@ -94,8 +94,8 @@ class _ResizeFn(ConcurrentRecordFn):
     failure_status = Status.DECODE_FAILED
     namespace = "resize"
 
-    def __init__(self, config: ImageConfig):
-        super().__init__(config.threads or os.cpu_count() or 1)
+    def __init__(self, config: ImageConfig, progress: Optional[str] = None):
+        super().__init__(config.threads or os.cpu_count() or 1, progress)
         self._config = config
 
     def setup(self):
@@ -112,9 +112,10 @@ class _ResizeFn(ConcurrentRecordFn):
 
 
 class DecodeAndResize(beam.PTransform):
-    def __init__(self, config: ImageConfig):
+    def __init__(self, config: ImageConfig, progress: Optional[str] = None):
         super().__init__()
         self._config = config
+        self._progress = progress
 
     def expand(self, records):
-        return records | "Resize" >> beam.ParDo(_ResizeFn(self._config))
+        return records | "Resize" >> beam.ParDo(_ResizeFn(self._config, self._progress))

@@ -409,11 +409,32 @@ def ledger_arrow_schema(carried_schema: pa.Schema) -> pa.Schema:
     return ledger_schema(carried_schema)
 
 
+class _LedgerRowFn(beam.DoFn):
+    """Record -> ledger row; with a progress folder, each row's status is tallied (paircurate.progress)."""
+
+    def __init__(self, carried: Sequence[str], progress: Optional[str]):
+        self._carried = list(carried)
+        self._progress_dir = progress
+
+    def setup(self):
+        from paircurate.progress import tally
+
+        self._tally = tally(self._progress_dir)
+
+    def process(self, record):
+        row = ledger_row(record, self._carried)
+        if self._tally is not None:
+            self._tally.add("ledger/" + str(row["status"]))
+        yield row
+
+
 class WriteLedger(beam.PTransform):
     """All records -> metadata/part-*.parquet (one row per input row) and counts.json."""
 
-    def __init__(self, metadata_dir: str, work_dir: str, carried_schema: pa.Schema):
+    def __init__(self, metadata_dir: str, work_dir: str, carried_schema: pa.Schema,
+                 progress: Optional[str] = None):
         super().__init__()
+        self._progress = progress
         self._metadata_dir = metadata_dir
         self._work_dir = work_dir
         self._schema = ledger_arrow_schema(carried_schema)
@@ -421,7 +442,7 @@ class WriteLedger(beam.PTransform):
 
     def expand(self, records):
         carried = self._carried
-        rows = records | "LedgerRow" >> beam.Map(ledger_row, carried)
+        rows = records | "LedgerRow" >> beam.ParDo(_LedgerRowFn(carried, self._progress))
         rows | "Parquet" >> beam.io.WriteToParquet(
             FileSystems.join(self._metadata_dir, "part"), self._schema,
             file_name_suffix=".parquet", row_group_buffer_size=16 * 1024 * 1024)

@@ -29,6 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never look anything up
+# OpenMP threads that spin between parallel regions would bill their waiting to
+# the forward or to preprocessing at random; passive waiting keeps the CPU
+# figures about work done.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -95,8 +99,18 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def model_only(loaded, batch: int, seconds: float = 3.0) -> float:
-    """Pairs/s of encode_image + encode_text on device tensors (the ceiling for this model)."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    return time.process_time()
+
+
+def model_only(loaded, batch: int, seconds: float = 3.0) -> Tuple[float, float]:
+    """(pairs/s, CPU core-seconds per pair) of encode_image + encode_text on device tensors.
+
+    The rate is the ceiling for this model; the CPU figure is what the forward
+    itself costs the host (all of it on CPU; launches and sync waits on CUDA),
+    which the stage figures subtract to get the CPU spent outside the model.
+    """
     import torch
     from contextlib import nullcontext
 
@@ -114,12 +128,12 @@ def model_only(loaded, batch: int, seconds: float = 3.0) -> float:
 
     step()
     sync(loaded.device)
-    done, started = 0, time.perf_counter()
+    done, started, cpu = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - started < seconds or done == 0:
         step()
         done += batch
     sync(loaded.device)
-    return rate(done, time.perf_counter() - started)
+    return rate(done, time.perf_counter() - started), (cpu_seconds() - cpu) / done
 
 
 def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> Dict[str, float]:
@@ -167,13 +181,14 @@ def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> D
 def stage_without_beam(loaded, images, captions, batch: int) -> Dict[str, float]:
     loaded.score(images[:batch], captions[:batch])  # warm-up (allocator, kernels)
     parts: Dict[str, float] = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for start in range(0, len(images), batch):
         result = loaded.score(images[start:start + batch], captions[start:start + batch], timed=True)
         for name, value in result.timings.items():
             parts[name] = parts.get(name, 0.0) + value
     total = time.perf_counter() - started
     return {"pairs_per_s": rate(len(images), total), "seconds": total,
+            "cpu_s_per_pair": (cpu_seconds() - cpu) / len(images),
             **{f"time_{k}_s": round(v, 3) for k, v in parts.items()}}
 
 
@@ -188,7 +203,7 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
     from paircurate.score import _ReadShard
     from paircurate.transforms.clip import ScoreAndFilter
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     options = ([f"--direct_running_mode=multi_threading", f"--direct_num_workers={workers}"]
                if workers > 1 else [])
     pipeline = make_pipeline("DirectRunner", options)
@@ -201,7 +216,7 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
      | beam.Map(lambda n: print(f"    beam: {n} pairs scored", flush=True)))
     pipeline.run().wait_until_finish()
     seconds = time.perf_counter() - started
-    return {"seconds": seconds}
+    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu}
 
 
 def clip_config_for(model: str, args) -> Any:
@@ -256,15 +271,19 @@ def main(argv=None) -> int:
     report: Dict[str, Any] = {"n": args.n, "batch_size": args.batch_size, "models": {}}
     for model in [m for m in args.models.split(",") if m]:
         config = clip_config_for(model, args)
+        cpu = cpu_seconds()
         loaded = load_clip(config)
+        load_cpu = cpu_seconds() - cpu
         dtype = {None: "fp32"}.get(loaded.autocast, str(loaded.autocast).replace("torch.", ""))
         print(f"\n{model} (random weights) on {loaded.device}, {dtype}, image {loaded.image_size}, "
               f"batch {args.batch_size}, {loaded.threads} preprocess threads, "
               f"load {loaded.load_seconds:.1f}s", flush=True)
         figures: Dict[str, Any] = {"device": loaded.device, "precision": dtype}
-        figures["model_only_pairs_per_s"] = model_only(loaded, args.model_batch)
+        figures["model_only_pairs_per_s"], model_cpu = model_only(loaded, args.model_batch)
+        figures["model_only_cpu_ms_per_pair"] = model_cpu * 1e3
         print(f"  model only (batch {args.model_batch:<5})          : "
-              f"{figures['model_only_pairs_per_s']:>10,.0f} pairs/s", flush=True)
+              f"{figures['model_only_pairs_per_s']:>10,.0f} pairs/s "
+              f"({model_cpu * 1e3:.3f} core-ms/pair of host CPU)", flush=True)
         figures.update(breakdown(loaded, images, captions, args.batch_size))
         print(f"  decode only (PIL, threads)          : {figures['decode_images_per_s']:>10,.0f} images/s")
         print(f"  decode + model transform PIL steps  : {figures['decode_transform_images_per_s']:>10,.0f} images/s")
@@ -274,9 +293,12 @@ def main(argv=None) -> int:
                   f"({figures['transfer_gb_per_s']:.1f} GB/s)")
         direct = stage_without_beam(loaded, images, captions, args.batch_size)
         figures["stage_no_beam"] = direct
+        direct["cpu_ms_per_pair_outside_model"] = (direct["cpu_s_per_pair"] - model_cpu) * 1e3
         parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
         print(f"  scoring stage, no Beam              : {direct['pairs_per_s']:>10,.0f} pairs/s "
               f"({direct['seconds']:.1f}s; {parts})", flush=True)
+        print(f"    CPU outside the model             : {direct['cpu_ms_per_pair_outside_model']:>10.3f} "
+              f"core-ms/pair", flush=True)
         if args.check and loaded.device.startswith("cuda"):
             import dataclasses
             cpu = load_clip(dataclasses.replace(config, device="cpu", precision="fp32"))
@@ -291,9 +313,15 @@ def main(argv=None) -> int:
         if not args.skip_beam:
             beam_figures = stage_in_beam(config, paths, args.beam_workers)
             beam_figures["pairs_per_s"] = rate(args.n, beam_figures["seconds"])
+            # Process CPU of the run, less one model load and the forward's own share.
+            beam_figures["cpu_ms_per_pair_outside_model"] = (
+                (beam_figures["cpu_s"] - load_cpu) / args.n - model_cpu) * 1e3
             figures["stage_beam"] = beam_figures
             print(f"  scoring stage in Beam (read+score)  : {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
                   f"({beam_figures['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
+            print(f"    CPU outside the model             : "
+                  f"{beam_figures['cpu_ms_per_pair_outside_model']:>10.3f} core-ms/pair "
+                  f"(reading shards included)", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         report["models"][model] = figures

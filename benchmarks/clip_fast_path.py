@@ -26,7 +26,7 @@ def model_inputs(loaded, images):
     import torch
 
     if loaded.fast is not None:
-        futures = [loaded.pool.submit(loaded._decode_fast, data) for data in images]
+        futures = [loaded._decode_fast(data) for data in images]
         errors = [None] * len(images)
         x = loaded._fast_chunk(futures, 0, len(images), errors, None)
         return (x * loaded.std + loaded.mean).mul_(255).cpu().numpy()

@@ -124,6 +124,11 @@ def apply_threshold(record: Dict[str, Any], threshold: Optional[float]) -> Dict[
     return record
 
 
+def image_bytes(record: Mapping[str, Any]) -> bytes:
+    """The stored (resized) image of a record, as the CLIP stage reads it: the one place that does."""
+    return record["image"]
+
+
 def wants_score(record: Mapping[str, Any]) -> bool:
     """Live, with an image and a caption: there is a pair to score."""
     return is_live(record) and record.get("caption") is not None and bool(record.get("image"))
@@ -169,7 +174,7 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
 
     def run_inference(self, batch: Sequence[Dict[str, Any]], model: LoadedClip,
                       inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
-        scored: ScoredBatch = model.score([r["image"] for r in batch], [r["caption"] for r in batch],
+        scored: ScoredBatch = model.score([image_bytes(r) for r in batch], [r["caption"] for r in batch],
                                           embeddings=self._config.save_embeddings)
         out = []
         for i, record in enumerate(batch):
@@ -180,8 +185,7 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
 
     def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
         # The default pickles the whole batch just to measure it.
-        return sum(len(r.get("image") or b"") + len((r.get("caption") or "").encode("utf-8"))
-                   for r in batch)
+        return sum(len(image_bytes(r)) + len((r.get("caption") or "").encode("utf-8")) for r in batch)
 
     def get_metrics_namespace(self) -> str:
         return METRICS

@@ -440,6 +440,26 @@ def resize_batch(x, target: Tuple[int, int], plan: FastResize):
     return x[:, :, top:top + h, left:left + w].float()
 
 
+class _RunResults:
+    """Per-item results of ``fn(i, item)`` run on a pool in runs of consecutive items.
+
+    One future per run rather than per image: a future and its lock cost more
+    of the GIL than the Python part of decoding a small JPEG.
+    """
+
+    def __init__(self, pool, fn: Callable[[int, Any], Any], items: Sequence[Any], per_run: int):
+        self._per_run = per_run
+        self._futures = [pool.submit(self._run, fn, items, start, min(len(items), start + per_run))
+                         for start in range(0, len(items), per_run)]
+
+    @staticmethod
+    def _run(fn, items, start, end):
+        return [fn(i, items[i]) for i in range(start, end)]
+
+    def __getitem__(self, i: int):
+        return self._futures[i // self._per_run].result()[i % self._per_run]
+
+
 @dataclasses.dataclass
 class ScoredBatch:
     """Scores (float32, NaN where an image could not be decoded) and optional float16 embeddings."""
@@ -556,7 +576,7 @@ class LoadedClip:
         x = torch.zeros((end - start, 3, h, w), dtype=torch.float32, device=self.device)
         groups: Dict[Tuple[Tuple[int, ...], Tuple[int, int]], List[Tuple[int, np.ndarray]]] = {}
         for i in range(start, end):
-            kind, value = futures[i].result()
+            kind, value = futures[i]
             if kind == "error":
                 errors[i] = value
             elif kind == "ready":
@@ -616,12 +636,14 @@ class LoadedClip:
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
         staging = None
+        per_run = max(1, min(16, n // (4 * self.threads)))  # a few runs per thread keep them balanced
         if self.fast is not None:
-            futures = [self.pool.submit(self._decode_fast, data) for data in images]
+            futures = _RunResults(self.pool, lambda i, data: self._decode_fast(data), images, per_run)
         else:
             host = self._buffer(n)
             host_np = host.numpy()
-            futures = [self.pool.submit(self._prepare_into, host_np, i, data) for i, data in enumerate(images)]
+            futures = _RunResults(self.pool, lambda i, data: self._prepare_into(host_np, i, data), images,
+                                  per_run)
         tokens = self.tokenizer(list(captions))
         t_tok = time.perf_counter()
         timings["tokenize"] = t_tok - t0
@@ -639,14 +661,14 @@ class LoadedClip:
                 if self.fast is not None:
                     if staging is None and self.device.startswith("cuda"):
                         # Sized by the first image: stored images mostly share one size.
-                        kind, value = futures[0].result()
+                        kind, value = futures[0]
                         if kind == "resize":
                             staging = self._staging(n, value[0].shape)
                     x = self._fast_chunk(futures, start, end, errors, staging)
                     t2 = time.perf_counter()
                 else:
                     for i in range(start, end):
-                        errors[i] = futures[i].result()
+                        errors[i] = futures[i]
                     t2 = time.perf_counter()
                     x = self._to_model_input(host[start:end])
                 wait += t2 - t

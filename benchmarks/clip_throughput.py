@@ -67,7 +67,7 @@ def photo_pairs(folder: str) -> List[bytes]:
     return photos
 
 
-def write_shards(folder: str, n: int, per_shard: int = 10000, threads: int = 0,
+def write_shards(folder: str, n: int, per_shard: int = 1000, threads: int = 0,
                  photos: Sequence[bytes] = ()) -> List[str]:
     """WebDataset shards of n pairs, generated or cycling ``photos`` (reused when already there)."""
     os.makedirs(folder, exist_ok=True)
@@ -119,8 +119,11 @@ def rate(count: int, seconds: float) -> float:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process, all threads (user + system)."""
-    return time.process_time()
+    """CPU time of this process, all threads, and of its exited children (user + system)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def model_only(loaded, batch: int, seconds: float = 3.0) -> Tuple[float, float]:
@@ -226,10 +229,14 @@ def stage_without_beam(loaded, images, captions, batch: int) -> Dict[str, float]
             **{f"time_{k}_s": round(v, 3) for k, v in parts.items()}}
 
 
-def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[str, float]:
+def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
+                  mode: str = "multi_threading") -> Dict[str, float]:
     """Read the shards and score them with ScoreAndFilter (no filter) on the local runner.
 
-    workers > 1 runs bundles on that many threads of this process (they share one model).
+    workers > 1 runs bundles on that many threads of this process (they share
+    one model), or with mode multi_processing on that many worker processes
+    (fresh interpreters, so starting them after CUDA is initialised is safe;
+    their CPU time is counted once they have exited).
     """
     import apache_beam as beam
 
@@ -238,7 +245,7 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
     from paircurate.transforms.clip import ScoreAndFilter
 
     started, cpu = time.perf_counter(), cpu_seconds()
-    options = ([f"--direct_running_mode=multi_threading", f"--direct_num_workers={workers}"]
+    options = ([f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
                if workers > 1 else [])
     pipeline = make_pipeline("DirectRunner", options)
     (pipeline
@@ -247,10 +254,9 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
      | ScoreAndFilter(clip_config, None)
      | beam.Map(lambda r: 1 if r.get("clip_score") is not None else 0)
      | beam.CombineGlobally(sum)
-     | beam.Map(lambda n: print(f"    beam: {n} pairs scored", flush=True)))
+     | beam.Map(lambda n: print(f"      beam: {n} pairs scored", flush=True)))
     pipeline.run().wait_until_finish()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu}
+    return {"seconds": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu}
 
 
 def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
@@ -263,7 +269,8 @@ def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
     except ClipModelError:
         custom = os.path.isfile(model)
     values = dict(pretrained="none", device=args.device, batch_size=args.batch_size,
-                  preprocess_threads=args.threads, precision=args.precision, preprocess=preprocess)
+                  preprocess_threads=args.threads, precision=args.precision, preprocess=preprocess,
+                  share_model_across_processes=getattr(args, "share_model", False))
     return ClipConfig(model_config=model, **values) if custom else ClipConfig(model=model, **values)
 
 
@@ -282,6 +289,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "paircurate-clip-bench"))
     parser.add_argument("--skip-beam", action="store_true", help="skip the Beam end-to-end run")
     parser.add_argument("--skip-breakdown", action="store_true", help="skip the per-part rates")
+    parser.add_argument("--skip-direct", action="store_true", help="skip the stage without Beam")
+    parser.add_argument("--beam-preprocess", default="exact,fast", help="the modes to run the Beam stage with")
+    parser.add_argument("--per-shard", type=int, default=1000,
+                        help="pairs per shard (shards are what Beam workers share out)")
+    parser.add_argument("--beam-mode", default="multi_threading", choices=("multi_threading", "multi_processing"),
+                        help="how --beam-workers run")
+    parser.add_argument("--share-model", action="store_true", help="clip.share_model_across_processes=true")
     parser.add_argument("--beam-workers", type=int, default=1,
                         help="local runner bundle threads (they share the model; threads, never processes)")
     parser.add_argument("--check", type=int, default=64,
@@ -296,7 +310,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     photos = photo_pairs(args.photos) if args.photos else ()
     kind = f"photos-{len(photos)}" if photos else "generated"
-    paths = write_shards(os.path.join(args.workdir, f"shards-{kind}-{args.n}"), args.n, photos=photos)
+    paths = write_shards(os.path.join(args.workdir, f"shards-{kind}-{args.n}-{args.per_shard}"), args.n,
+                         args.per_shard, photos=photos)
     print(f"data: {args.n} pairs of {'photograph' if photos else 'generated'} JPEG + caption in "
           f"{len(paths)} shards ({time.perf_counter() - started:.1f}s to make or find)", flush=True)
     import paircurate.score  # noqa: F401  (Beam's import time is not read time)
@@ -318,9 +333,7 @@ def main(argv=None) -> int:
         model_cpu = None
         for mode in modes:
             config = clip_config_for(model, args, mode)
-            cpu = cpu_seconds()
             loaded = load_clip(config)
-            load_cpu = cpu_seconds() - cpu
             dtype = {None: "fp32"}.get(loaded.autocast, str(loaded.autocast).replace("torch.", ""))
             if model_cpu is None:
                 print(f"\n{model} (random weights) on {loaded.device}, {dtype}, image {loaded.image_size}, "
@@ -347,13 +360,14 @@ def main(argv=None) -> int:
                         cpu_ms = part.get(key.replace("_per_s", "_cpu_ms"))
                         print(f"    {label:<34}: {part[key]:>10,.0f} {unit}"
                               + (f" ({cpu_ms:.3f} core-ms each)" if cpu_ms is not None else ""), flush=True)
-            direct = stage_without_beam(loaded, images, captions, args.batch_size)
-            part["stage_no_beam"] = direct
-            direct["cpu_ms_per_pair_outside_model"] = (direct["cpu_s_per_pair"] - model_cpu) * 1e3
-            parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
-            print(f"    scoring stage, no Beam            : {direct['pairs_per_s']:>10,.0f} pairs/s, "
-                  f"{direct['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model "
-                  f"({direct['seconds']:.1f}s; {parts})", flush=True)
+            if not args.skip_direct:
+                direct = stage_without_beam(loaded, images, captions, args.batch_size)
+                part["stage_no_beam"] = direct
+                direct["cpu_ms_per_pair_outside_model"] = (direct["cpu_s_per_pair"] - model_cpu) * 1e3
+                parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
+                print(f"    scoring stage, no Beam            : {direct['pairs_per_s']:>10,.0f} pairs/s, "
+                      f"{direct['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model "
+                      f"({direct['seconds']:.1f}s; {parts})", flush=True)
             if args.check and loaded.device.startswith("cuda"):
                 import dataclasses
                 cpu_model = load_clip(dataclasses.replace(config, device="cpu", precision="fp32",
@@ -366,16 +380,27 @@ def main(argv=None) -> int:
                 cpu_model.close()
             loaded.close()
             del loaded
-            if not args.skip_beam:
-                beam_figures = stage_in_beam(config, paths, args.beam_workers)
-                beam_figures["pairs_per_s"] = rate(args.n, beam_figures["seconds"])
-                # Process CPU of the run, less one model load and the forward's own share.
-                beam_figures["cpu_ms_per_pair_outside_model"] = (
-                    (beam_figures["cpu_s"] - load_cpu) / args.n - model_cpu) * 1e3
+            if not args.skip_beam and mode in args.beam_preprocess.split(","):
+                # Two runs, on a fifth of the shards and on all of them: the difference is the
+                # marginal cost per pair, free of pipeline start, worker start and model loads.
+                small_paths = paths[:max(1, len(paths) // 5)]
+                small_n = min(args.n, len(small_paths) * args.per_shard)
+                small = stage_in_beam(config, small_paths, args.beam_workers, args.beam_mode)
+                full = stage_in_beam(config, paths, args.beam_workers, args.beam_mode)
+                beam_figures = {"seconds": full["seconds"], "pairs_per_s": rate(args.n, full["seconds"])}
+                if small_n < args.n:
+                    extra = args.n - small_n
+                    beam_figures["marginal_pairs_per_s"] = rate(extra, full["seconds"] - small["seconds"])
+                    beam_figures["cpu_ms_per_pair_outside_model"] = (
+                        (full["cpu_s"] - small["cpu_s"]) / extra - model_cpu) * 1e3
                 part["stage_beam"] = beam_figures
-                print(f"    scoring stage in Beam (read+score): {beam_figures['pairs_per_s']:>10,.0f} pairs/s, "
-                      f"{beam_figures['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model "
-                      f"({beam_figures['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
+                print(f"    scoring stage in Beam (read+score): {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
+                      f"({full['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
+                if "marginal_pairs_per_s" in beam_figures:
+                    print(f"      marginal ({small_n:,} -> {args.n:,} pairs): "
+                          f"{beam_figures['marginal_pairs_per_s']:>10,.0f} pairs/s, "
+                          f"{beam_figures['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model",
+                          flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print("\nJSON " + json.dumps(report, default=float))

@@ -43,7 +43,8 @@ def _dump(record, folder):
 
 
 def tiny_config(**changes) -> ClipConfig:
-    values = dict(model_config=TINY, pretrained="none", device="cpu", batch_size=5, preprocess_threads=2)
+    values = dict(model_config=TINY, pretrained="none", device="cpu", batch_size=5, preprocess_threads=2,
+                  preprocess="exact")
     values.update(changes)
     return ClipConfig(**values)
 

@@ -300,6 +300,7 @@ def model_description(config: ClipConfig) -> Dict[str, Any]:
         "model_config": config.model_config,
         "precision": config.precision,
         "batch_size": config.batch_size,
+        "preprocess": config.preprocess,
         "filter": ("min_score" if config.min_score is not None
                    else "keep_fraction" if config.keep_fraction is not None else "none"),
         "min_score": config.min_score,

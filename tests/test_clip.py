@@ -466,3 +466,22 @@ def test_fast_plan_only_for_transforms_it_reproduces():
     assert clip_model.fast_resize_of({"size": 224, "interpolation": "random"}) is None
     with pytest.raises(ClipModelError, match="clip.preprocess must be one of exact, fast"):
         clip_model.load_clip(tiny_config(preprocess="quick"))
+
+
+def test_fast_path_batch_decode_scores_within_bound_and_falls_back():
+    """The batched decode a GPU uses (run here on the CPU): same bound; what it cannot read goes to PIL."""
+    pairs = varied_images()
+    pairs.insert(3, (b"\xff\xd8\xff not really a jpeg", "broken"))  # fails its batch: that chunk goes to PIL
+    images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    exact = clip_model.load_clip(tiny_config(preprocess="exact"))
+    fast = clip_model.load_clip(tiny_config(preprocess="fast"))
+    fast.device_decode = True
+    a = exact.score(images, captions, chunk=8)
+    b = fast.score(images, captions, chunk=8)
+    assert a.errors[3] and b.errors[3] and np.isnan(b.scores[3])
+    ok = [i for i in range(len(images)) if i != 3]
+    assert all(b.errors[i] is None for i in ok)
+    diff = np.abs(a.scores[ok] - b.scores[ok])
+    assert diff.max() <= 0.01 and diff.mean() <= 0.003
+    decoded = fast._decode_on_device(images, 8, 16)
+    assert sorted(decoded) == [i for i in range(8, 16) if clip_model.is_jpeg(images[i])]

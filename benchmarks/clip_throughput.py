@@ -259,6 +259,24 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
     return {"seconds": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu}
 
 
+def stub_forward() -> None:
+    """encode_image / encode_text of every open_clip model in this process return zeros."""
+    import open_clip
+
+    def encode(self, x, normalize: bool = False):
+        width = self.text_projection.shape[-1] if getattr(self, "text_projection", None) is not None else 512
+        return x.new_zeros((x.shape[0], width), dtype=torch_float())
+
+    for cls in (open_clip.CLIP, open_clip.CustomTextCLIP):
+        cls.encode_image = encode
+        cls.encode_text = encode
+
+
+def torch_float():
+    import torch
+    return torch.float32
+
+
 def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
     from paircurate.config import ClipConfig
     from paircurate.transforms.clip_model import find_model_config, ClipModelError
@@ -300,12 +318,18 @@ def main(argv=None) -> int:
                         help="local runner bundle threads (they share the model; threads, never processes)")
     parser.add_argument("--check", type=int, default=64,
                         help="on CUDA: compare this many pairs' scores with CPU fp32 (0: skip)")
+    parser.add_argument("--stub-forward", action="store_true",
+                        help="replace encode_image/encode_text by zeros (in this process, Beam's in_memory "
+                             "runner included): the CPU figures of a large model on a CPU, without its forward")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
     import torch
 
     from paircurate.transforms.clip_model import load_clip
+
+    if args.stub_forward:
+        stub_forward()
 
     started = time.perf_counter()
     photos = photo_pairs(args.photos) if args.photos else ()

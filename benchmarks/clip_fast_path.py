@@ -43,9 +43,11 @@ def compare(model: str, images, captions, pretrained: str, batch: int):
 
     try:
         find_model_config(model)
-        base = ClipConfig(model_config=model, pretrained=pretrained, device="cpu", batch_size=batch)
+        base = ClipConfig(model_config=model, pretrained=pretrained, device="cpu", batch_size=batch,
+                          preprocess="exact")
     except ClipModelError:
-        base = ClipConfig(model=model, pretrained=pretrained, device="cpu", batch_size=batch)
+        base = ClipConfig(model=model, pretrained=pretrained, device="cpu", batch_size=batch,
+                          preprocess="exact")
     exact = load_clip(base)
     fast = load_clip(dataclasses.replace(base, preprocess="fast"))
     assert fast.fast is not None, "the fast path does not apply to this model"

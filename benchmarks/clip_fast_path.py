@@ -29,7 +29,7 @@ def model_inputs(loaded, images):
         futures = [loaded._decode_fast(data) for data in images]
         errors = [None] * len(images)
         on_device = loaded._decode_on_device(images, 0, len(images)) if loaded.device_decode else None
-        x = loaded._fast_chunk(futures, 0, len(images), errors, None, on_device)
+        x = loaded._fast_chunk(futures, 0, len(images), errors, on_device)
         return (x * loaded.std + loaded.mean).mul_(255).cpu().numpy()
     host = loaded._buffer(len(images)).numpy()
     for i, data in enumerate(images):

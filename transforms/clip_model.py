@@ -13,11 +13,12 @@ Two image paths (clip.preprocess):
   device on uint8 batches, which is the same arithmetic on 4x fewer bytes to
   move.  Scores match open_clip's within 1e-4.
 * fast: the same geometry (torchvision's resize arithmetic, centre crop) with
-  less CPU per image.  CPU threads only decode, letting libjpeg scale a JPEG
-  down in the DCT domain (PIL draft mode) when it is at least twice the size
-  the model needs; the antialiased resize (PIL's filter, in torch) runs in
-  batches of equal-sized images on the model's device, off the CPU when that
-  is a GPU.  Images that are neither RGB nor greyscale take the exact path.
+  less CPU per image.  On a GPU, JPEGs are decoded there in batches (nvJPEG
+  through torchvision).  On a CPU, threads only decode, letting libjpeg scale
+  a JPEG down in the DCT domain (PIL draft mode) when it is at least four
+  times the size the model needs.  The antialiased resize (PIL's filter, in
+  torch) runs in batches of equal-sized images on the model's device.  Images
+  that are neither RGB nor greyscale take the exact path.
 """
 from __future__ import annotations
 
@@ -405,9 +406,9 @@ def decode_for_resize(data: bytes, plan: FastResize) -> Optional[Tuple[np.ndarra
     A JPEG at least four times the resized size is decoded at 1/2, 1/4 or 1/8
     scale, never below twice the resized size: the antialiased resize still
     does the filtering (scaling all the way down in the DCT domain doubled the
-    score difference on photographs), and the decode does a fraction of the work.  Modes other than RGB and greyscale (palette, alpha, CMYK,
-    16-bit) are left to the exact path, whose PIL steps treat them in their own
-    ways.
+    score difference on photographs), and the decode does a fraction of the
+    work.  Modes other than RGB and greyscale (palette, alpha, CMYK, 16-bit)
+    are left to the exact path, whose PIL steps treat them in their own ways.
     """
     from PIL import Image
 
@@ -579,16 +580,6 @@ class LoadedClip:
         except Exception as exc:  # one bad image must not fail its batch
             return "error", f"{type(exc).__name__}: {exc}"[:200]
 
-    def _staging(self, rows: int, shape: Tuple[int, ...]):
-        """A reused pinned host buffer for ``rows`` images of ``shape`` (CUDA: async uploads)."""
-        import torch
-
-        cached = getattr(self._local, "staging", None)
-        if cached is None or cached.shape[0] < rows or tuple(cached.shape[1:]) != shape:
-            cached = torch.empty((rows, *shape), dtype=torch.uint8, pin_memory=True)
-            self._local.staging = cached
-        return cached
-
     def _decode_on_device(self, images: Sequence[bytes], start: int, end: int) -> Dict[int, Any]:
         """{i: uint8 CHW RGB tensor on the device} for the JPEGs among images start..end.
 
@@ -610,13 +601,13 @@ class LoadedClip:
             return {}
         return dict(zip(jpegs, decoded))
 
-    def _fast_chunk(self, futures, start: int, end: int, errors: List[Optional[str]], staging,
+    def _fast_chunk(self, futures, start: int, end: int, errors: List[Optional[str]],
                     on_device: Optional[Dict[int, Any]] = None):
-        """Model input for images start..end on the fast path: decoded on threads (or the device), resized here."""
+        """Model input for images start..end on the fast path: decoded on the device or on
+        threads (``futures``), resized here in groups of one size."""
         import torch
 
         h, w = self.image_size
-        x = None  # allocated once a chunk needs more than one resized group
         groups: Dict[Tuple[Tuple[int, ...], Tuple[int, int]], List[Tuple[int, np.ndarray]]] = {}
         decoded: Dict[Tuple[Tuple[int, ...], Tuple[int, int]], List[Tuple[int, Any]]] = {}
         ready: List[Tuple[int, Any]] = []
@@ -634,16 +625,10 @@ class LoadedClip:
             else:
                 pixels, target = value
                 groups.setdefault((pixels.shape, target), []).append((i - start, pixels))
-        parts = []  # (chunk positions, float NCHW 0..255)
-        row = start  # staging rows start..end belong to this chunk: no upload in flight is overwritten
+        parts = []  # (chunk positions, NCHW pixels 0..255)
         for (shape, target), members in groups.items():
-            if staging is not None and tuple(staging.shape[1:]) == shape:
-                host = staging[row:row + len(members)]
-                np.stack([p for _, p in members], out=host.numpy())
-                row += len(members)
-            else:
-                host = torch.from_numpy(np.stack([p for _, p in members]))
-            pixels = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            host = torch.from_numpy(np.stack([p for _, p in members]))
+            pixels = host.to(self.device).permute(0, 3, 1, 2)
             parts.append(([j for j, _ in members], resize_batch(pixels, target, self.fast)))
         for (_, target), members in decoded.items():
             parts.append(([j for j, _ in members], resize_batch(torch.stack([p for _, p in members]), target,
@@ -697,7 +682,6 @@ class LoadedClip:
             return ScoredBatch(np.zeros(0, np.float32), [])
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
-        staging = None
         per_run = max(1, min(16, n // (4 * self.threads)))  # a few runs per thread keep them balanced
         if self.device_decode:  # only what the device cannot decode comes back to the CPU
             futures = _OnDemand(self._decode_fast, images)
@@ -722,17 +706,9 @@ class LoadedClip:
             for start in range(0, n, chunk):
                 end = min(n, start + chunk)
                 t = time.perf_counter()
-                if self.device_decode:
-                    x = self._fast_chunk(futures, start, end, errors, None,
-                                         self._decode_on_device(images, start, end))
-                    t2 = time.perf_counter()
-                elif self.fast is not None:
-                    if staging is None and self.device.startswith("cuda"):
-                        # Sized by the first image: stored images mostly share one size.
-                        kind, value = futures[0]
-                        if kind == "resize":
-                            staging = self._staging(n, value[0].shape)
-                    x = self._fast_chunk(futures, start, end, errors, staging)
+                if self.fast is not None:
+                    on_device = self._decode_on_device(images, start, end) if self.device_decode else None
+                    x = self._fast_chunk(futures, start, end, errors, on_device)
                     t2 = time.perf_counter()
                 else:
                     for i in range(start, end):

@@ -1,18 +1,27 @@
 """CLIP scoring throughput: the pipeline's scoring stage next to the model alone.
 
-Generates N 256px JPEGs with captions into WebDataset shards, then for each
-model (random weights, so nothing is downloaded) measures:
+Makes N pairs (generated 256px JPEGs, or --photos cycling a folder of stored
+images such as benchmarks/photo_set.py makes) with captions in WebDataset
+shards, then for each model (random weights, so nothing is downloaded) and each
+clip.preprocess path measures:
 
 * model only: encode_image + encode_text on ready tensors on the device
-  (batch --model-batch, fp16 autocast on CUDA), the ceiling;
-* where the time goes: JPEG decode, the model's PIL transform steps, caption
-  tokenization, host->device transfer of uint8 batches;
+  (batch --model-batch, fp16 autocast on CUDA), the ceiling, and the host CPU
+  the forward itself costs per pair;
+* where the time goes: JPEG decode, the path's host-side preparation, caption
+  tokenization, host->device transfer, nvJPEG batch decode (on CUDA);
 * the scoring stage without Beam (LoadedClip.score over batches of --batch-size);
 * the scoring stage in Beam: shards read and scored by ScoreAndFilter on the
-  local runner (one process; threads only, so no fork after CUDA init).
+  local runner (one process with threads, or --beam-mode multi_processing),
+  run on a fifth of the shards and on all of them: the difference gives the
+  marginal rate and CPU per pair, free of pipeline start and model loads.
 
-GPU:  python benchmarks/clip_throughput.py                  (50,000 pairs, ViT-B-32 and ViT-L-14)
-CPU smoke: python benchmarks/clip_throughput.py --n 512 --models paircurate-tiny --batch-size 128
+Every stage figure comes with the CPU core-ms per pair spent outside the model
+forward (process CPU time, worker processes included, minus the forward's own).
+
+GPU:  python benchmarks/clip_throughput.py --photos DIR     (50,000 pairs, ViT-B-32 and ViT-L-14)
+CPU:  python benchmarks/clip_throughput.py --n 5120 --per-shard 512 --models ViT-B-32,paircurate-tiny \
+          --batch-size 256 --model-batch 256 --photos DIR --stub-forward
 """
 from __future__ import annotations
 

@@ -1,18 +1,27 @@
 """CLIP scoring throughput: the pipeline's scoring stage next to the model alone.
 
-Generates N 256px JPEGs with captions into WebDataset shards, then for each
-model (random weights, so nothing is downloaded) measures:
+Makes N pairs (generated 256px JPEGs, or --photos cycling a folder of stored
+images such as benchmarks/photo_set.py makes) with captions in WebDataset
+shards, then for each model (random weights, so nothing is downloaded) and each
+clip.preprocess path measures:
 
 * model only: encode_image + encode_text on ready tensors on the device
-  (batch --model-batch, fp16 autocast on CUDA), the ceiling;
-* where the time goes: JPEG decode, the model's PIL transform steps, caption
-  tokenization, host->device transfer of uint8 batches;
+  (batch --model-batch, fp16 autocast on CUDA), the ceiling, and the host CPU
+  the forward itself costs per pair;
+* where the time goes: JPEG decode, the path's host-side preparation, caption
+  tokenization, host->device transfer, nvJPEG batch decode (on CUDA);
 * the scoring stage without Beam (LoadedClip.score over batches of --batch-size);
 * the scoring stage in Beam: shards read and scored by ScoreAndFilter on the
-  local runner (one process; threads only, so no fork after CUDA init).
+  local runner (one process with threads, or --beam-mode multi_processing),
+  run on a fifth of the shards and on all of them: the difference gives the
+  marginal rate and CPU per pair, free of pipeline start and model loads.
 
-GPU:  python benchmarks/clip_throughput.py                  (50,000 pairs, ViT-B-32 and ViT-L-14)
-CPU smoke: python benchmarks/clip_throughput.py --n 512 --models paircurate-tiny --batch-size 128
+Every stage figure comes with the CPU core-ms per pair spent outside the model
+forward (process CPU time, worker processes included, minus the forward's own).
+
+GPU:  python benchmarks/clip_throughput.py --photos DIR     (50,000 pairs, ViT-B-32 and ViT-L-14)
+CPU:  python benchmarks/clip_throughput.py --n 5120 --per-shard 512 --models ViT-B-32,paircurate-tiny \
+          --batch-size 256 --model-batch 256 --photos DIR --stub-forward
 """
 from __future__ import annotations
 
@@ -29,6 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never look anything up
+# OpenMP threads that spin between parallel regions would bill their waiting to
+# the forward or to preprocessing at random; passive waiting keeps the CPU
+# figures about work done.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -46,12 +59,26 @@ def make_pair(i: int, size: int = 256) -> Tuple[bytes, str]:
     image = np.clip(image + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "JPEG", quality=90)
-    words = random.Random(i).choices(WORDS, k=8 + i % 10)
-    return buf.getvalue(), " ".join(words)
+    return buf.getvalue(), make_pair_caption(i)
 
 
-def write_shards(folder: str, n: int, per_shard: int = 10000, threads: int = 0) -> List[str]:
-    """WebDataset shards of n generated pairs (reused when already there)."""
+def make_pair_caption(i: int) -> str:
+    return " ".join(random.Random(i).choices(WORDS, k=8 + i % 10))
+
+
+def photo_pairs(folder: str) -> List[bytes]:
+    """The .jpg files of a folder (e.g. made by benchmarks/photo_set.py), cycled by write_shards."""
+    import glob
+
+    photos = [open(p, "rb").read() for p in sorted(glob.glob(os.path.join(folder, "*.jpg")))]
+    if not photos:
+        raise SystemExit(f"no .jpg files in {folder}")
+    return photos
+
+
+def write_shards(folder: str, n: int, per_shard: int = 1000, threads: int = 0,
+                 photos: Sequence[bytes] = ()) -> List[str]:
+    """WebDataset shards of n pairs, generated or cycling ``photos`` (reused when already there)."""
     os.makedirs(folder, exist_ok=True)
     marker = os.path.join(folder, f"done-{n}")
     paths = [os.path.join(folder, f"{s:05d}.tar") for s in range((n + per_shard - 1) // per_shard)]
@@ -61,9 +88,14 @@ def write_shards(folder: str, n: int, per_shard: int = 10000, threads: int = 0) 
         for s, path in enumerate(paths):
             ids = range(s * per_shard, min(n, (s + 1) * per_shard))
             with tarfile.open(path, "w") as tar:
-                for i, (jpeg, caption) in zip(ids, pool.map(make_pair, ids)):
+                made = (pool.map(make_pair, ids) if not photos else
+                        ((photos[i % len(photos)], make_pair_caption(i)) for i in ids))
+                for i, (jpeg, caption) in zip(ids, made):
                     key = f"{i:09d}"
-                    meta = json.dumps({"key": key, "uid": f"{i:032x}"}).encode()
+                    with Image.open(io.BytesIO(jpeg)) as image:  # stored shards' json has the size
+                        width, height = image.size
+                    meta = json.dumps({"key": key, "uid": f"{i:032x}", "width": width,
+                                       "height": height}).encode()
                     for name, data in ((key + ".jpg", jpeg), (key + ".txt", caption.encode()),
                                        (key + ".json", meta)):
                         info = tarfile.TarInfo(name)
@@ -95,8 +127,21 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def model_only(loaded, batch: int, seconds: float = 3.0) -> float:
-    """Pairs/s of encode_image + encode_text on device tensors (the ceiling for this model)."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads, and of its exited children (user + system)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def model_only(loaded, batch: int, seconds: float = 3.0) -> Tuple[float, float]:
+    """(pairs/s, CPU core-seconds per pair) of encode_image + encode_text on device tensors.
+
+    The rate is the ceiling for this model; the CPU figure is what the forward
+    itself costs the host (all of it on CPU; launches and sync waits on CUDA),
+    which the stage figures subtract to get the CPU spent outside the model.
+    """
     import torch
     from contextlib import nullcontext
 
@@ -114,41 +159,43 @@ def model_only(loaded, batch: int, seconds: float = 3.0) -> float:
 
     step()
     sync(loaded.device)
-    done, started = 0, time.perf_counter()
+    done, started, cpu = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - started < seconds or done == 0:
         step()
         done += batch
     sync(loaded.device)
-    return rate(done, time.perf_counter() - started)
+    return rate(done, time.perf_counter() - started), (cpu_seconds() - cpu) / done
 
 
 def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> Dict[str, float]:
-    """Per-part rates on a sample: decode, the transform's PIL steps, tokenize, transfer."""
+    """Per-part rates (and CPU core-ms per item) on a sample: decode, the path's host-side
+    preparation, tokenize, transfer; on CUDA also nvJPEG batch decode, for comparison."""
     import torch
 
     sample = images[: max(batch, min(len(images), 4 * batch))]
     pool = loaded.pool
     figures: Dict[str, float] = {}
 
+    def measure(name: str, count: int, work) -> None:
+        started, cpu = time.perf_counter(), cpu_seconds()
+        work()
+        figures[name] = rate(count, time.perf_counter() - started)
+        figures[name.replace("_per_s", "_cpu_ms")] = (cpu_seconds() - cpu) / count * 1e3
+
     def decode(data):
         with Image.open(io.BytesIO(data)) as im:
             im.load()
 
-    started = time.perf_counter()
-    list(pool.map(decode, sample))
-    figures["decode_images_per_s"] = rate(len(sample), time.perf_counter() - started)
-
+    measure("decode_images_per_s", len(sample), lambda: list(pool.map(decode, sample)))
     h, w = loaded.image_size
-    out = np.empty((len(sample), h, w, 3), np.uint8) if loaded.pil_steps is not None else \
-        np.empty((len(sample), 3, h, w), np.float32)
-    started = time.perf_counter()
-    list(pool.map(lambda i: loaded._prepare_into(out, i, sample[i]), range(len(sample))))
-    figures["decode_transform_images_per_s"] = rate(len(sample), time.perf_counter() - started)
-
+    out = np.empty((len(sample), h, w, 3), np.uint8)
+    if loaded.fast is not None:
+        measure("prepare_images_per_s", len(sample), lambda: list(pool.map(loaded._decode_fast, sample)))
+    elif loaded.pil_steps is not None:
+        measure("prepare_images_per_s", len(sample),
+                lambda: list(pool.map(lambda i: loaded._prepare_into(out, i, sample[i]), range(len(sample)))))
     texts = captions[: len(sample)]
-    started = time.perf_counter()
-    loaded.tokenizer(texts)
-    figures["tokenize_captions_per_s"] = rate(len(texts), time.perf_counter() - started)
+    measure("tokenize_captions_per_s", len(texts), lambda: loaded.tokenizer(texts))
 
     if loaded.device.startswith("cuda"):
         host = torch.from_numpy(out[:batch]).pin_memory()
@@ -161,26 +208,44 @@ def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> D
         seconds = time.perf_counter() - started
         figures["transfer_pairs_per_s"] = rate(reps * len(host), seconds)
         figures["transfer_gb_per_s"] = reps * host.numel() * host.element_size() / seconds / 1e9
+        try:
+            from torchvision.io import decode_jpeg
+
+            encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in sample[:batch]]
+            decode_jpeg(encoded, device=loaded.device)
+            sync(loaded.device)
+
+            def nvjpeg():
+                decode_jpeg(encoded, device=loaded.device)
+                sync(loaded.device)
+            measure("nvjpeg_decode_images_per_s", len(encoded), nvjpeg)
+        except Exception as exc:  # informative only
+            print(f"    (nvJPEG decode not measured: {type(exc).__name__}: {exc})")
     return figures
 
 
 def stage_without_beam(loaded, images, captions, batch: int) -> Dict[str, float]:
     loaded.score(images[:batch], captions[:batch])  # warm-up (allocator, kernels)
     parts: Dict[str, float] = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for start in range(0, len(images), batch):
         result = loaded.score(images[start:start + batch], captions[start:start + batch], timed=True)
         for name, value in result.timings.items():
             parts[name] = parts.get(name, 0.0) + value
     total = time.perf_counter() - started
     return {"pairs_per_s": rate(len(images), total), "seconds": total,
+            "cpu_s_per_pair": (cpu_seconds() - cpu) / len(images),
             **{f"time_{k}_s": round(v, 3) for k, v in parts.items()}}
 
 
-def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[str, float]:
+def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
+                  mode: str = "multi_threading") -> Dict[str, float]:
     """Read the shards and score them with ScoreAndFilter (no filter) on the local runner.
 
-    workers > 1 runs bundles on that many threads of this process (they share one model).
+    workers > 1 runs bundles on that many threads of this process (they share
+    one model), or with mode multi_processing on that many worker processes
+    (fresh interpreters, so starting them after CUDA is initialised is safe;
+    their CPU time is counted once they have exited).
     """
     import apache_beam as beam
 
@@ -188,8 +253,8 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
     from paircurate.score import _ReadShard
     from paircurate.transforms.clip import ScoreAndFilter
 
-    started = time.perf_counter()
-    options = ([f"--direct_running_mode=multi_threading", f"--direct_num_workers={workers}"]
+    started, cpu = time.perf_counter(), cpu_seconds()
+    options = ([f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
                if workers > 1 else [])
     pipeline = make_pipeline("DirectRunner", options)
     (pipeline
@@ -198,13 +263,30 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1) -> Dict[s
      | ScoreAndFilter(clip_config, None)
      | beam.Map(lambda r: 1 if r.get("clip_score") is not None else 0)
      | beam.CombineGlobally(sum)
-     | beam.Map(lambda n: print(f"    beam: {n} pairs scored", flush=True)))
+     | beam.Map(lambda n: print(f"      beam: {n} pairs scored", flush=True)))
     pipeline.run().wait_until_finish()
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds}
+    return {"seconds": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu}
 
 
-def clip_config_for(model: str, args) -> Any:
+def stub_forward() -> None:
+    """encode_image / encode_text of every open_clip model in this process return zeros."""
+    import open_clip
+
+    def encode(self, x, normalize: bool = False):
+        width = self.text_projection.shape[-1] if getattr(self, "text_projection", None) is not None else 512
+        return x.new_zeros((x.shape[0], width), dtype=torch_float())
+
+    for cls in (open_clip.CLIP, open_clip.CustomTextCLIP):
+        cls.encode_image = encode
+        cls.encode_text = encode
+
+
+def torch_float():
+    import torch
+    return torch.float32
+
+
+def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
     from paircurate.config import ClipConfig
     from paircurate.transforms.clip_model import find_model_config, ClipModelError
 
@@ -214,7 +296,8 @@ def clip_config_for(model: str, args) -> Any:
     except ClipModelError:
         custom = os.path.isfile(model)
     values = dict(pretrained="none", device=args.device, batch_size=args.batch_size,
-                  preprocess_threads=args.threads, precision=args.precision)
+                  preprocess_threads=args.threads, precision=args.precision, preprocess=preprocess,
+                  share_model_across_processes=getattr(args, "share_model", False))
     return ClipConfig(model_config=model, **values) if custom else ClipConfig(model=model, **values)
 
 
@@ -223,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=50000, help="pairs to score")
     parser.add_argument("--models", default="ViT-B-32,ViT-L-14",
                         help="comma-separated open_clip names or configs/models names")
+    parser.add_argument("--preprocess", default="exact,fast", help="clip.preprocess modes to measure")
+    parser.add_argument("--photos", help="cycle the .jpg files of this folder instead of generated images")
     parser.add_argument("--batch-size", type=int, default=1024, help="pairs per scoring call")
     parser.add_argument("--model-batch", type=int, default=1024, help="batch of the model-only measurement")
     parser.add_argument("--device", default="auto")
@@ -230,10 +315,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="preprocess threads (0: one per core)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "paircurate-clip-bench"))
     parser.add_argument("--skip-beam", action="store_true", help="skip the Beam end-to-end run")
+    parser.add_argument("--skip-breakdown", action="store_true", help="skip the per-part rates")
+    parser.add_argument("--skip-direct", action="store_true", help="skip the stage without Beam")
+    parser.add_argument("--beam-preprocess", default="exact,fast", help="the modes to run the Beam stage with")
+    parser.add_argument("--per-shard", type=int, default=1000,
+                        help="pairs per shard (shards are what Beam workers share out)")
+    parser.add_argument("--beam-mode", default="multi_threading", choices=("multi_threading", "multi_processing"),
+                        help="how --beam-workers run")
+    parser.add_argument("--share-model", action="store_true", help="clip.share_model_across_processes=true")
     parser.add_argument("--beam-workers", type=int, default=1,
                         help="local runner bundle threads (they share the model; threads, never processes)")
     parser.add_argument("--check", type=int, default=64,
                         help="on CUDA: compare this many pairs' scores with CPU fp32 (0: skip)")
+    parser.add_argument("--stub-forward", action="store_true",
+                        help="replace encode_image/encode_text by zeros (in this process, Beam's in_memory "
+                             "runner included): the CPU figures of a large model on a CPU, without its forward")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -241,10 +337,16 @@ def main(argv=None) -> int:
 
     from paircurate.transforms.clip_model import load_clip
 
+    if args.stub_forward:
+        stub_forward()
+
     started = time.perf_counter()
-    paths = write_shards(os.path.join(args.workdir, f"shards-{args.n}"), args.n)
-    print(f"data: {args.n} pairs of 256px JPEG + caption in {len(paths)} shards "
-          f"({time.perf_counter() - started:.1f}s to make or find)", flush=True)
+    photos = photo_pairs(args.photos) if args.photos else ()
+    kind = f"photos-{len(photos)}" if photos else "generated"
+    paths = write_shards(os.path.join(args.workdir, f"shards-{kind}-{args.n}-{args.per_shard}"), args.n,
+                         args.per_shard, photos=photos)
+    print(f"data: {args.n} pairs of {'photograph' if photos else 'generated'} JPEG + caption in "
+          f"{len(paths)} shards ({time.perf_counter() - started:.1f}s to make or find)", flush=True)
     import paircurate.score  # noqa: F401  (Beam's import time is not read time)
     started = time.perf_counter()
     images, captions = read_pairs(paths)
@@ -253,50 +355,87 @@ def main(argv=None) -> int:
     print(f"host: {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
 
-    report: Dict[str, Any] = {"n": args.n, "batch_size": args.batch_size, "models": {}}
+    # Imports that the first model load pays would otherwise count as that model's load.
+    load_clip(clip_config_for("paircurate-tiny", argparse.Namespace(**dict(vars(args), device="cpu",
+                                                                         precision="fp32")))).close()
+    report: Dict[str, Any] = {"n": args.n, "batch_size": args.batch_size, "data": kind, "models": {}}
+    modes = [m for m in args.preprocess.split(",") if m]
     for model in [m for m in args.models.split(",") if m]:
-        config = clip_config_for(model, args)
-        loaded = load_clip(config)
-        dtype = {None: "fp32"}.get(loaded.autocast, str(loaded.autocast).replace("torch.", ""))
-        print(f"\n{model} (random weights) on {loaded.device}, {dtype}, image {loaded.image_size}, "
-              f"batch {args.batch_size}, {loaded.threads} preprocess threads, "
-              f"load {loaded.load_seconds:.1f}s", flush=True)
-        figures: Dict[str, Any] = {"device": loaded.device, "precision": dtype}
-        figures["model_only_pairs_per_s"] = model_only(loaded, args.model_batch)
-        print(f"  model only (batch {args.model_batch:<5})          : "
-              f"{figures['model_only_pairs_per_s']:>10,.0f} pairs/s", flush=True)
-        figures.update(breakdown(loaded, images, captions, args.batch_size))
-        print(f"  decode only (PIL, threads)          : {figures['decode_images_per_s']:>10,.0f} images/s")
-        print(f"  decode + model transform PIL steps  : {figures['decode_transform_images_per_s']:>10,.0f} images/s")
-        print(f"  tokenize (one thread, GIL-bound)    : {figures['tokenize_captions_per_s']:>10,.0f} captions/s")
-        if "transfer_pairs_per_s" in figures:
-            print(f"  host->device uint8 (pinned)         : {figures['transfer_pairs_per_s']:>10,.0f} pairs/s "
-                  f"({figures['transfer_gb_per_s']:.1f} GB/s)")
-        direct = stage_without_beam(loaded, images, captions, args.batch_size)
-        figures["stage_no_beam"] = direct
-        parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
-        print(f"  scoring stage, no Beam              : {direct['pairs_per_s']:>10,.0f} pairs/s "
-              f"({direct['seconds']:.1f}s; {parts})", flush=True)
-        if args.check and loaded.device.startswith("cuda"):
-            import dataclasses
-            cpu = load_clip(dataclasses.replace(config, device="cpu", precision="fp32"))
-            k = min(args.check, len(images))
-            diff = np.abs(cpu.score(images[:k], captions[:k]).scores
-                          - loaded.score(images[:k], captions[:k]).scores)
-            figures["max_abs_diff_vs_cpu_fp32"] = float(diff.max())
-            print(f"  scores vs CPU fp32 ({k} pairs)       : max |diff| {diff.max():.2e}")
-            cpu.close()
-        loaded.close()
-        del loaded
-        if not args.skip_beam:
-            beam_figures = stage_in_beam(config, paths, args.beam_workers)
-            beam_figures["pairs_per_s"] = rate(args.n, beam_figures["seconds"])
-            figures["stage_beam"] = beam_figures
-            print(f"  scoring stage in Beam (read+score)  : {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
-                  f"({beam_figures['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        figures: Dict[str, Any] = {}
         report["models"][model] = figures
+        model_cpu = None
+        for mode in modes:
+            config = clip_config_for(model, args, mode)
+            loaded = load_clip(config)
+            dtype = {None: "fp32"}.get(loaded.autocast, str(loaded.autocast).replace("torch.", ""))
+            if model_cpu is None:
+                print(f"\n{model} (random weights) on {loaded.device}, {dtype}, image {loaded.image_size}, "
+                      f"batch {args.batch_size}, {loaded.threads} preprocess threads, "
+                      f"load {loaded.load_seconds:.1f}s", flush=True)
+                figures.update(device=loaded.device, precision=dtype)
+                figures["model_only_pairs_per_s"], model_cpu = model_only(loaded, args.model_batch)
+                figures["model_only_cpu_ms_per_pair"] = model_cpu * 1e3
+                print(f"  model only (batch {args.model_batch:<5})           : "
+                      f"{figures['model_only_pairs_per_s']:>10,.0f} pairs/s "
+                      f"({model_cpu * 1e3:.3f} core-ms/pair of host CPU)", flush=True)
+            print(f"  clip.preprocess={mode}", flush=True)
+            part: Dict[str, Any] = {}
+            figures[mode] = part
+            if not args.skip_breakdown:
+                part.update(breakdown(loaded, images, captions, args.batch_size))
+                for key, label, unit in (("decode_images_per_s", "decode only (PIL, threads)", "images/s"),
+                                         ("prepare_images_per_s", "decode + host part of transform", "images/s"),
+                                         ("tokenize_captions_per_s", "tokenize (one thread)", "captions/s"),
+                                         ("transfer_pairs_per_s", "host->device uint8 (pinned)", "pairs/s"),
+                                         ("nvjpeg_decode_images_per_s", "nvJPEG batch decode (torchvision)",
+                                          "images/s")):
+                    if key in part:
+                        cpu_ms = part.get(key.replace("_per_s", "_cpu_ms"))
+                        print(f"    {label:<34}: {part[key]:>10,.0f} {unit}"
+                              + (f" ({cpu_ms:.3f} core-ms each)" if cpu_ms is not None else ""), flush=True)
+            if not args.skip_direct:
+                direct = stage_without_beam(loaded, images, captions, args.batch_size)
+                part["stage_no_beam"] = direct
+                direct["cpu_ms_per_pair_outside_model"] = (direct["cpu_s_per_pair"] - model_cpu) * 1e3
+                parts = ", ".join(f"{k[5:-2]} {v}s" for k, v in direct.items() if k.startswith("time_"))
+                print(f"    scoring stage, no Beam            : {direct['pairs_per_s']:>10,.0f} pairs/s, "
+                      f"{direct['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model "
+                      f"({direct['seconds']:.1f}s; {parts})", flush=True)
+            if args.check and loaded.device.startswith("cuda"):
+                import dataclasses
+                cpu_model = load_clip(dataclasses.replace(config, device="cpu", precision="fp32",
+                                                          preprocess="exact"))
+                k = min(args.check, len(images))
+                diff = np.abs(cpu_model.score(images[:k], captions[:k]).scores
+                              - loaded.score(images[:k], captions[:k]).scores)
+                part["max_abs_diff_vs_cpu_fp32_exact"] = float(diff.max())
+                print(f"    scores vs CPU fp32 exact ({k} pairs): max |diff| {diff.max():.2e}", flush=True)
+                cpu_model.close()
+            loaded.close()
+            del loaded
+            if not args.skip_beam and mode in args.beam_preprocess.split(","):
+                # Two runs, on a fifth of the shards and on all of them: the difference is the
+                # marginal cost per pair, free of pipeline start, worker start and model loads.
+                small_paths = paths[:max(1, len(paths) // 5)]
+                small_n = min(args.n, len(small_paths) * args.per_shard)
+                small = stage_in_beam(config, small_paths, args.beam_workers, args.beam_mode)
+                full = stage_in_beam(config, paths, args.beam_workers, args.beam_mode)
+                beam_figures = {"seconds": full["seconds"], "pairs_per_s": rate(args.n, full["seconds"])}
+                if small_n < args.n:
+                    extra = args.n - small_n
+                    beam_figures["marginal_pairs_per_s"] = rate(extra, full["seconds"] - small["seconds"])
+                    beam_figures["cpu_ms_per_pair_outside_model"] = (
+                        (full["cpu_s"] - small["cpu_s"]) / extra - model_cpu) * 1e3
+                part["stage_beam"] = beam_figures
+                print(f"    scoring stage in Beam (read+score): {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
+                      f"({full['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
+                if "marginal_pairs_per_s" in beam_figures:
+                    print(f"      marginal ({small_n:,} -> {args.n:,} pairs): "
+                          f"{beam_figures['marginal_pairs_per_s']:>10,.0f} pairs/s, "
+                          f"{beam_figures['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model",
+                          flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     print("\nJSON " + json.dumps(report, default=float))
     if args.json_out:
         with open(args.json_out, "w") as handle:

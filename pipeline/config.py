@@ -137,6 +137,10 @@ class ClipConfig:
     save_embeddings: bool = False
     # Threads that decode and resize images for the model (0: one per CPU core).
     preprocess_threads: int = 0
+    # exact: open_clip's own PIL transform (scores match open_clip within 1e-4) |
+    # fast: JPEG draft decoding and a batched resize on the model's device (measured
+    # score difference at most 0.01; README "CLIP scoring and filtering").
+    preprocess: str = "fast"
     # Where open_clip / Hugging Face weights are looked up (None: their default caches).
     cache_dir: Optional[str] = None
     # Serve one model per machine to all worker processes (Beam multi_process_shared).

@@ -43,7 +43,8 @@ def _dump(record, folder):
 
 
 def tiny_config(**changes) -> ClipConfig:
-    values = dict(model_config=TINY, pretrained="none", device="cpu", batch_size=5, preprocess_threads=2)
+    values = dict(model_config=TINY, pretrained="none", device="cpu", batch_size=5, preprocess_threads=2,
+                  preprocess="exact")
     values.update(changes)
     return ClipConfig(**values)
 
@@ -409,3 +410,107 @@ def test_score_command_line(tmp_path):
                                       "--set", f"clip.cache_dir={tmp_path / 'empty'}"])
     assert result.exit_code != 0 and "cannot be downloaded" in result.output
     assert "Traceback" not in result.output
+
+
+# --- image paths: exact (open_clip's transform) and fast (clip.preprocess=fast) ----------
+
+
+def varied_images():
+    """(bytes, caption) pairs the stage can meet: stored 256px, non-square, large, greyscale, PNG, palette."""
+    out = []
+    for i in range(24):
+        size = [(256, 256), (256, 180), (700, 520), (1100, 900)][i % 4]
+        image, caption = synthetic_image(900 + i, size=size)
+        if i % 6 == 5:
+            image = image.convert("L")
+        out.append((encode(image), caption))
+    image, caption = synthetic_image(950, size=(300, 400))
+    out.append((encode(image, "PNG"), caption))
+    out.append((encode(image.convert("P"), "PNG"), caption))  # palette: the fast path hands it to PIL
+    out.append((encode(image.convert("RGBA"), "PNG"), caption))
+    return out
+
+
+def test_exact_path_matches_open_clip_on_varied_images():
+    pairs = varied_images()
+    records = []
+    for i, (data, caption) in enumerate(pairs):
+        record = new_record(f"{i:032x}", None, caption, "in", i, {})
+        record["image"] = data
+        records.append(record)
+    expected = reference_scores(records)
+    loaded = clip_model.load_clip(tiny_config(preprocess="exact"))
+    scored = loaded.score([r["image"] for r in records], [r["caption"] for r in records])
+    assert all(e is None for e in scored.errors)
+    diffs = [abs(float(s) - expected[r["uid"]]) for s, r in zip(scored.scores, records)]
+    assert max(diffs) < 1e-4
+
+
+def test_fast_path_scores_within_bound_of_exact():
+    pairs = varied_images()
+    images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    exact = clip_model.load_clip(tiny_config(preprocess="exact"))
+    fast = clip_model.load_clip(tiny_config(preprocess="fast"))
+    assert exact.fast is None and fast.fast == clip_model.FastResize("shortest", (64, 64), "bicubic")
+    a = exact.score(images, captions)
+    b = fast.score(images, captions)
+    assert all(e is None for e in b.errors)
+    diff = np.abs(a.scores - b.scores)
+    assert diff.max() <= 0.01 and diff.mean() <= 0.003
+    assert diff.max() > 0  # the fast path did run (it is not bit-identical on these images)
+    # Images the fast path leaves to PIL (palette, alpha) score exactly as on the exact path.
+    assert diff[-2:].max() < 1e-6
+
+
+def test_fast_path_in_the_stage_marks_undecodable_and_scores_the_rest():
+    records = make_records(9, seed=8)
+    records[4]["image"] = b"\xff\xd8\xff not really a jpeg"
+    exact = run_stage(records, tiny_config(batch_size=4))
+    fast = run_stage(records, tiny_config(batch_size=4, preprocess="fast"))
+    assert fast[records[4]["uid"]]["status"] == "decode_failed"
+    for i, record in enumerate(records):
+        if i != 4:
+            assert abs(fast[record["uid"]]["clip_score"] - exact[record["uid"]]["clip_score"]) <= 0.01
+
+
+@pytest.mark.parametrize("width,height", [(256, 256), (256, 180), (181, 333), (1100, 900), (225, 224),
+                                          (3000, 97)])
+def test_fast_geometry_is_torchvisions(width, height):
+    from torchvision.transforms import CenterCrop, Resize
+
+    plan = clip_model.FastResize("shortest", (64, 64), "bicubic")
+    resized = Resize(64)(Image.new("RGB", (width, height)))
+    assert plan.resized(width, height) == (resized.height, resized.width)
+    # CenterCrop's box, read back from a gradient image.
+    ramp = np.add.outer(np.arange(resized.height) * 1000, np.arange(resized.width)).astype(np.int32)
+    cropped = np.asarray(CenterCrop(64)(Image.fromarray(ramp, "I")))
+    top, left = plan.crop_box(resized.height, resized.width)
+    assert (top, left) == divmod(int(cropped[0, 0]), 1000)
+
+
+def test_fast_plan_only_for_transforms_it_reproduces():
+    assert clip_model.fast_resize_of({"size": 224, "resize_mode": "shortest", "interpolation": "bicubic"})
+    assert clip_model.fast_resize_of({"size": (224, 224), "resize_mode": "squash", "interpolation": "bilinear"})
+    assert clip_model.fast_resize_of({"size": 224, "resize_mode": "longest"}) is None
+    assert clip_model.fast_resize_of({"size": 224, "interpolation": "random"}) is None
+    with pytest.raises(ClipModelError, match="clip.preprocess must be one of exact, fast"):
+        clip_model.load_clip(tiny_config(preprocess="quick"))
+
+
+def test_fast_path_batch_decode_scores_within_bound_and_falls_back():
+    """The batched decode a GPU uses (run here on the CPU): same bound; what it cannot read goes to PIL."""
+    pairs = varied_images()
+    pairs.insert(3, (b"\xff\xd8\xff not really a jpeg", "broken"))  # fails its batch: that chunk goes to PIL
+    images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    exact = clip_model.load_clip(tiny_config(preprocess="exact"))
+    fast = clip_model.load_clip(tiny_config(preprocess="fast"))
+    fast.device_decode = True
+    a = exact.score(images, captions, chunk=8)
+    b = fast.score(images, captions, chunk=8)
+    assert a.errors[3] and b.errors[3] and np.isnan(b.scores[3])
+    ok = [i for i in range(len(images)) if i != 3]
+    assert all(b.errors[i] is None for i in ok)
+    diff = np.abs(a.scores[ok] - b.scores[ok])
+    assert diff.max() <= 0.01 and diff.mean() <= 0.003
+    decoded = fast._decode_on_device(images, 8, 16)
+    assert sorted(decoded) == [i for i in range(8, 16) if clip_model.is_jpeg(images[i])]

@@ -124,6 +124,16 @@ def apply_threshold(record: Dict[str, Any], threshold: Optional[float]) -> Dict[
     return record
 
 
+def image_bytes(record: Mapping[str, Any], reader=None) -> bytes:
+    """The stored (resized) image of a record, as the CLIP stage reads it: the one place that does.
+
+    Carried in the record, or read from staging by its reference (``reader``: a StagedReader).
+    """
+    from paircurate.transforms.staging import image_bytes as carried_or_staged
+
+    return carried_or_staged(record, reader)
+
+
 def wants_score(record: Mapping[str, Any]) -> bool:
     """Live, with an image and a caption: there is a pair to score."""
     return (is_live(record) and record.get("caption") is not None
@@ -169,7 +179,7 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
 
     def pair_images(self, batch: Sequence[Dict[str, Any]]) -> List[bytes]:
         """The image bytes of a batch: carried in the records, or read from staging by reference."""
-        from paircurate.transforms.staging import StagedReader, image_bytes
+        from paircurate.transforms.staging import StagedReader
 
         if self._reader is None and self._staging:
             self._reader = StagedReader(self._staging)
@@ -191,8 +201,7 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
 
     def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
         # The default pickles the whole batch just to measure it.
-        return sum(len(r.get("image") or b"") + len((r.get("caption") or "").encode("utf-8"))
-                   for r in batch)
+        return sum(len(r.get("image") or b"") + len((r.get("caption") or "").encode("utf-8")) for r in batch)
 
     def get_metrics_namespace(self) -> str:
         return METRICS

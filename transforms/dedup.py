@@ -141,6 +141,20 @@ def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:
     return best, decisions
 
 
+def near_edges(sigs: List[Sig], config: DedupConfig) -> List[Tuple[str, str]]:
+    """(uid, uid) near-duplicate pairs among signatures, in one process (benchmarks, tests).
+
+    The same decisions as the Beam graph's candidate and verification steps,
+    without clusters: connected components of these edges are its clusters.
+    """
+    from paircurate.transforms.phash import candidate_pairs
+
+    eligible = [s for s in sigs if s[3] is not None and not s[4]]
+    pairs = candidate_pairs([s[3] for s in eligible], config.max_distance, config.hash_size ** 2,
+                            config.blocks or None, config.max_bucket_comparisons)
+    return [(eligible[i][0], eligible[j][0]) for i, j in pairs]
+
+
 def near_decisions(phash: int, label: Tuple[Rank, int], member_ranks: Iterable[Rank]
                    ) -> List[Decision]:
     """duplicate_near for every live member of a node except the cluster's representative."""

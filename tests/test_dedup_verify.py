@@ -184,3 +184,21 @@ def test_near_edges_catch_smooth_copies_and_flips_and_keep_distinct_skies_apart(
     old_sigs = [(u, r, sha, ph, True, near) if u.startswith(("sky", "other")) else (u, r, sha, ph, low, near)
                 for u, r, sha, ph, low, near in sigs]
     assert all(not ({a, b} & {"sky-q40", "sky-flip"}) for a, b in near_edges(old_sigs, old))
+
+
+def test_node_keys_sort_like_ranks_and_give_back_the_uid():
+    from paircurate.transforms.dedup import node_key, node_uid, pack_note, unpack_note
+    from paircurate.transforms.phash import rank
+
+    uids = ["0f" * 16, "10" * 16, "ab", "b", "u1", "ab cd", "AB"]
+    ranks = [rank(u, w, 10, history=h) for u in uids for w in (0, 7, 1 << 40) for h in (False, True)]
+    keys = [node_key(r) for r in ranks]
+    for r, k in zip(ranks, keys):
+        assert node_uid(k) == r[2]
+    # Same order wherever the uids are all hex or all text (the representative choice).
+    for group in (uids[:3], uids[3:]):  # lowercase hex, then text
+        subset = [(r, k) for r, k in zip(ranks, keys) if r[2] in group]
+        assert sorted(subset) == sorted(subset, key=lambda rk: rk[1])
+    for note in [("phash", 0, 0.0), ("smooth", 6, 0.999), ("flip", 64, 12.5)]:
+        assert unpack_note(pack_note(note)) == note
+    assert pack_note(("flip", 6, 0.1)) < pack_note(("phash", 0, 0.2))  # nearest by verification first

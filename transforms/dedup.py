@@ -76,8 +76,8 @@ _NS = "dedup"
 #: near entries: phash.near_entries() bytes (b"" for flat images; None when unknown, e.g.
 #: a ledger from before near_signature: then the pHash is the entry, unverified).
 Sig = Tuple[str, Rank, Optional[str], Optional[int], bool, Optional[bytes]]
-#: One entry of the near search: (rank, flags, thumbnail), keyed by its search hash.
-Entry = Tuple[Rank, int, bytes]
+#: One entry of the near search: (node_key(rank), flags, thumbnail), keyed by its search hash.
+Entry = Tuple[bytes, int, bytes]
 #: (why: "phash" | "smooth" | "flip", Hamming distance of the search hashes, verification distance)
 EdgeNote = Tuple[str, int, float]
 #: (uid, (status, duplicate_of, error))
@@ -134,7 +134,7 @@ def history_signature(row: Dict[str, Any]) -> Sig:
 
 
 def near_entries_of(sig: Sig) -> List[Tuple[int, Entry]]:
-    """(search hash, (rank, flags, thumbnail)) for each entry of a signature.
+    """(search hash, (node_key(rank), flags, thumbnail)) for each entry of a signature.
 
     Low-information (flat) images have none.  A signature without
     near_signature (an older ledger, hand-made records) has its pHash as its
@@ -143,9 +143,10 @@ def near_entries_of(sig: Sig) -> List[Tuple[int, Entry]]:
     _, rank_, _, phash, low, near = sig
     if low:
         return []
+    node = node_key(rank_)
     if near is None:
-        return [(phash, (rank_, 0, b""))] if phash is not None else []
-    return [(search, (rank_, flags, thumb)) for flags, search, thumb in split_entries(near)]
+        return [(phash, (node, 0, b""))] if phash is not None else []
+    return [(search, (node, flags, thumb)) for flags, search, thumb in split_entries(near)]
 
 
 def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
@@ -162,10 +163,10 @@ def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
 
 def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]], search_a: int,
                    search_b: int, config: DedupConfig, max_comparisons: Optional[int] = None
-                   ) -> Tuple[List[Tuple[Rank, Rank, EdgeNote]], List[EdgeNote]]:
+                   ) -> Tuple[List[Tuple[bytes, bytes, EdgeNote]], List[EdgeNote]]:
     """Verified pairs between two groups of entries (or within one, when group_b is None).
 
-    Returns (accepted (rank, rank, note) edges, notes of the rejected pairs).
+    Returns (accepted (node, node, note) edges, notes of the rejected pairs).
     Entries of one image (both orientations) never pair with each other.
     ``max_comparisons`` bounds the pairs looked at (like a hot bucket's window).
     """
@@ -236,10 +237,45 @@ def near_edges(sigs: List[Sig], config: DedupConfig) -> List[Tuple[str, str]]:
         edges += verified_edges(group, None, search, search, config)[0]
     for a, b in value_pairs.tolist():
         edges += verified_edges(by_search[a], by_search[b], a, b, config)[0]
-    return [(x[2], y[2]) for x, y, _ in edges]
+    return [(node_uid(x), node_uid(y)) for x, y, _ in edges]
 
 
-def near_decision(node: Rank, label: Rank, note: EdgeNote) -> List[Decision]:
+_WHY = ("phash", "smooth", "flip")
+_MAX_PIXELS = (1 << 63) - 1
+
+
+def node_key(rank_: Rank) -> bytes:
+    """A rank as compact bytes whose order is the rank's: the clustering's node ids and labels.
+
+    (history flag, largest pixel count first, uid): 1 + 8 + 1 + 16 bytes for a
+    hex uid, where the tuple costs a pickle of three objects in every message.
+    """
+    flag, negative_pixels, uid = rank_
+    try:
+        raw = bytes.fromhex(uid)
+        uid_bytes = b"\x00" + raw if raw.hex() == uid else None
+    except ValueError:
+        uid_bytes = None
+    if uid_bytes is None:  # not lowercase hex (hand-made ledgers, tests): its text
+        uid_bytes = b"\x01" + uid.encode("utf-8")
+    return bytes([flag]) + (_MAX_PIXELS + negative_pixels).to_bytes(8, "big") + uid_bytes
+
+
+def node_uid(key: bytes) -> str:
+    return key[10:].hex() if key[9] == 0 else key[10:].decode("utf-8")
+
+
+def pack_note(note: EdgeNote) -> int:
+    """An edge note as one int (why, Hamming distance, verification distance in thousandths)."""
+    why, distance, verify = note
+    return (int(round(verify * 1000)) << 10) | (distance << 2) | _WHY.index(why)
+
+
+def unpack_note(packed: int) -> EdgeNote:
+    return _WHY[packed & 3], (packed >> 2) & 255, (packed >> 10) / 1000
+
+
+def near_decision(node: bytes, label: bytes, note: int) -> List[Decision]:
     """duplicate_near for a live image whose cluster's representative is another one.
 
     The error names the signal of the image's nearest verified pair and its
@@ -247,9 +283,9 @@ def near_decision(node: Rank, label: Rank, note: EdgeNote) -> List[Decision]:
     """
     if label == node or node[0] != 1:
         return []
-    why, distance, verify = note
-    return [(node[2], (Status.DUPLICATE_NEAR.value, label[2],
-                       f"near: {why} distance={distance} verify={verify:.2f}"))]
+    why, distance, verify = unpack_note(note)
+    return [(node_uid(node), (Status.DUPLICATE_NEAR.value, node_uid(label),
+                              f"near: {why} distance={distance} verify={verify:.2f}"))]
 
 
 def resolve_exact(element) -> Iterator[Decision]:
@@ -347,11 +383,13 @@ class _PairsFn(beam.DoFn):
 
 
 class _VerifyFn(beam.DoFn):
-    """Candidate pairs of search hashes -> verified (rank, rank, note) edges between images.
+    """Candidate pairs of search hashes -> verified (node, node, packed note) edges between images.
 
-    Step "within" (keyed by a search hash): the pairs among its entries, and
-    the entries forwarded to each candidate neighbour hash.  Step "across"
-    (keyed by the neighbour): its entries against each forwarded group.
+    Step "within" (keyed by a search hash, with its candidate neighbours): the
+    pairs among its entries, and its entries forwarded under each candidate
+    pair's key.  Step "across" (keyed by a candidate pair): the two hashes'
+    entries against each other.  Entries of hashes without candidates are
+    shuffled once, in "within", and never forwarded.
     """
 
     def __init__(self, config: DedupConfig, step: str):
@@ -367,21 +405,24 @@ class _VerifyFn(beam.DoFn):
         self._rejected.inc(len(rejected))
         for note in rejected:
             self._nearest.update(int(note[2] * 1000))
-        return accepted
+        return [(a, b, pack_note(note)) for a, b, note in accepted]
 
     def process(self, element):
-        search, grouped = element
-        entries = list(grouped["entries"])
-        if not entries:
-            return
+        key, grouped = element
         if self._step == "within":
+            entries = list(grouped["entries"])
+            if not entries:
+                return
             if len(entries) > 1:
-                yield from self._edges(entries, None, search, search)
+                yield from self._edges(entries, None, key, key)
             for other in grouped["pairs"]:
-                yield beam.pvalue.TaggedOutput("forward", (other, (search, entries)))
+                yield beam.pvalue.TaggedOutput(
+                    "forward", ((min(key, other), max(key, other)), (key, entries)))
         else:
-            for other, group in grouped["pairs"]:
-                yield from self._edges(group, entries, other, search)
+            sides = dict(grouped)
+            if len(sides) == 2:
+                (a, entries_a), (b, entries_b) = sorted(sides.items())
+                yield from self._edges(entries_a, entries_b, a, b)
 
 
 def _initial_state(element):
@@ -390,8 +431,8 @@ def _initial_state(element):
     for other, note in edges:
         neighbours.add(other)
         notes.append(note)
-    best_note = min(notes, key=lambda n: (n[2], n[1], n[0]))
-    yield node, (node, sorted(neighbours), True, best_note)
+    # The nearest pair by verification distance, then Hamming distance (the packed int's order).
+    yield node, (node, sorted(neighbours), True, min(notes))
 
 
 def _send(element):
@@ -505,10 +546,11 @@ class _NearDecisions(beam.PTransform):
         candidates = (metered_group(keyed, "GroupByPartition")
                       | "CandidatePairs" >> beam.ParDo(_PairsFn(self._masks, config.max_distance,
                                                                 config.max_bucket_comparisons)))
-        within = (metered_cogroup({"entries": entries, "pairs": candidates}, "JoinEntries")
+        both_ways = candidates | "PairsBothWays" >> beam.FlatMap(lambda p: [(p[0], p[1]), (p[1], p[0])])
+        within = (metered_cogroup({"entries": entries, "pairs": both_ways}, "JoinEntries")
                   | "VerifyWithin" >> beam.ParDo(_VerifyFn(config, "within")).with_outputs(
                       "forward", main="edges"))
-        across = (metered_cogroup({"entries": entries, "pairs": within.forward}, "JoinNeighbours")
+        across = (metered_group(within.forward, "GroupCandidatePairs")
                   | "VerifyAcross" >> beam.ParDo(_VerifyFn(config, "across")))
         edges = (within.edges, across) | "Edges" >> beam.Flatten()
         adjacency = metered_group(

@@ -162,11 +162,12 @@ def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
 
 
 def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]], search_a: int,
-                   search_b: int, config: DedupConfig, max_comparisons: Optional[int] = None
-                   ) -> Tuple[List[Tuple[bytes, bytes, EdgeNote]], List[EdgeNote]]:
+                   search_b: int, config: DedupConfig, max_comparisons: Optional[int] = None,
+                   with_nodes: bool = False) -> Tuple[List[Tuple[bytes, bytes, EdgeNote]], List]:
     """Verified pairs between two groups of entries (or within one, when group_b is None).
 
-    Returns (accepted (node, node, note) edges, notes of the rejected pairs).
+    Returns (accepted (node, node, note) edges, the rejected pairs' notes, or
+    with ``with_nodes`` their (node, node, note)).
     Entries of one image (both orientations) never pair with each other.
     ``max_comparisons`` bounds the pairs looked at (like a hot bucket's window).
     """
@@ -183,8 +184,18 @@ def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]],
         if not config.verify or note[2] <= config.verify_max_distance:
             accepted.append((min(x[0], y[0]), max(x[0], y[0]), note))
         else:
-            rejected.append(note)
+            rejected.append((x[0], y[0], note) if with_nodes else note)
     return accepted, rejected
+
+
+#: How many of the nearest rejected pairs a run reports (stats.json, report.html).
+NEAREST_REJECTED = 20
+
+
+def rejected_pair(a: bytes, b: bytes, note: EdgeNote) -> Tuple[float, int, str, str, str]:
+    """(verification distance, Hamming distance, signal, uid, uid) of a rejected pair: sorts nearest first."""
+    why, distance, verify = note
+    return verify, distance, why, node_uid(a), node_uid(b)
 
 
 def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]]) -> Dict[str, Any]:
@@ -400,12 +411,14 @@ class _VerifyFn(beam.DoFn):
 
     def _edges(self, group_a, group_b, search_a, search_b):
         accepted, rejected = verified_edges(group_a, group_b, search_a, search_b, self._config,
-                                            self._config.max_bucket_comparisons)
+                                            self._config.max_bucket_comparisons, with_nodes=True)
         self._accepted.inc(len(accepted))
         self._rejected.inc(len(rejected))
-        for note in rejected:
+        for a, b, note in rejected:
             self._nearest.update(int(note[2] * 1000))
-        return [(a, b, pack_note(note)) for a, b, note in accepted]
+            yield beam.pvalue.TaggedOutput("rejected", rejected_pair(a, b, note))
+        for a, b, note in accepted:
+            yield a, b, pack_note(note)
 
     def process(self, element):
         key, grouped = element
@@ -493,9 +506,9 @@ class DedupDecisions(beam.PTransform):
     The core of the stage, on slim tuples only: Sig -> (uid, (status, duplicate_of, error)).
     """
 
-    def __init__(self, config: DedupConfig):
+    def __init__(self, config: DedupConfig, rejected_path: Optional[str] = None):
         super().__init__()
-        self._config = config
+        self._config, self._rejected_path = config, rejected_path
         bits = config.hash_size ** 2
         self._blocks = config.blocks or default_blocks(config.max_distance, bits)
         self._masks = key_masks(bits, self._blocks, config.max_distance) if config.near else None
@@ -509,7 +522,7 @@ class DedupDecisions(beam.PTransform):
             exact_decisions = exact.decisions
             sigs = exact.kept
         if config.near:
-            near = sigs | "Near" >> _NearDecisions(config, self._masks)
+            near = sigs | "Near" >> _NearDecisions(config, self._masks, self._rejected_path)
         if exact_decisions is not None and near is not None:
             # An exact group's best image may itself be a near duplicate: its copies
             # then point at the cluster's representative, the image that is kept.
@@ -531,9 +544,9 @@ class _NearDecisions(beam.PTransform):
     thumbnails before it becomes an edge.
     """
 
-    def __init__(self, config: DedupConfig, masks: np.ndarray):
+    def __init__(self, config: DedupConfig, masks: np.ndarray, rejected_path: Optional[str] = None):
         super().__init__()
-        self._config, self._masks = config, masks
+        self._config, self._masks, self._rejected_path = config, masks, rejected_path
 
     def expand(self, sigs):
         config = self._config
@@ -549,10 +562,20 @@ class _NearDecisions(beam.PTransform):
         both_ways = candidates | "PairsBothWays" >> beam.FlatMap(lambda p: [(p[0], p[1]), (p[1], p[0])])
         within = (metered_cogroup({"entries": entries, "pairs": both_ways}, "JoinEntries")
                   | "VerifyWithin" >> beam.ParDo(_VerifyFn(config, "within")).with_outputs(
-                      "forward", main="edges"))
+                      "forward", "rejected", main="edges"))
         across = (metered_group(within.forward, "GroupCandidatePairs")
-                  | "VerifyAcross" >> beam.ParDo(_VerifyFn(config, "across")))
-        edges = (within.edges, across) | "Edges" >> beam.Flatten()
+                  | "VerifyAcross" >> beam.ParDo(_VerifyFn(config, "across")).with_outputs(
+                      "rejected", main="edges"))
+        edges = (within.edges, across.edges) | "Edges" >> beam.Flatten()
+        if self._rejected_path:
+            from paircurate.transforms.write import write_json
+
+            _ = ((within.rejected, across.rejected)
+                 | "Rejected" >> beam.Flatten()
+                 | "NearestRejected" >> beam.combiners.Top.Smallest(NEAREST_REJECTED)
+                 | "WriteRejected" >> beam.Map(
+                     lambda pairs, path: write_json(path, [list(p) for p in pairs]),
+                     self._rejected_path))
         adjacency = metered_group(
             edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))]),
             "Adjacency")
@@ -587,14 +610,19 @@ class DeduplicateImages(beam.PTransform):
     """records -> records (same count): duplicate_exact / duplicate_near marked, signatures filled.
 
     ``history``: a PCollection of earlier ledger rows (dicts with uid, status,
-    phash, image_sha256, low_information); when None, ``config.history``
-    globs are read.  History rows with status ok always win and are never emitted.
+    phash, image_sha256, low_information, near_signature); when None,
+    ``config.history`` globs are read.  History rows with status ok always win
+    and are never emitted.  ``rejected_path``: where to write the
+    NEAREST_REJECTED candidate pairs that verification rejected, nearest first
+    (JSON lists: verification distance, Hamming distance, signal, uid, uid).
     """
 
-    def __init__(self, config: DedupConfig, history: Optional[beam.PCollection] = None):
+    def __init__(self, config: DedupConfig, history: Optional[beam.PCollection] = None,
+                 rejected_path: Optional[str] = None):
         super().__init__()
         self._config = config
         self._history = history
+        self._rejected_path = rejected_path
         if config.near and config.hash_size ** 2 > 64:
             raise ValueError("dedup.near needs hash_size <= 8 (hashes of at most 64 bits)")
 
@@ -614,7 +642,7 @@ class DeduplicateImages(beam.PTransform):
                             | "HistoryOk" >> beam.Filter(lambda r: r.get("status") == Status.OK.value)
                             | "HistorySignature" >> beam.Map(history_signature))
             sigs = (sigs, history_sigs) | "WithHistory" >> beam.Flatten()
-        decisions = sigs | "Decide" >> DedupDecisions(config)
+        decisions = sigs | "Decide" >> DedupDecisions(config, self._rejected_path)
         # Records cross this shuffle packed, and slim: image bytes are in staging by now
         # (paircurate.graph stages them right after hashing).
         keyed = live | "KeyByUid" >> beam.Map(lambda r: (r["uid"], pack_record(decided_only(r))))

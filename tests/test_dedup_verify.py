@@ -89,6 +89,16 @@ def test_verification_rejects_distinct_smooth_and_flat_images():
     assert verify_distance(thumbnail(scene(3)), thumbnail(COPIES["greyscale"](scene(3)))) <= 1.0
 
 
+def test_verification_distance_is_symmetric():
+    # Runners group entries in any order: the distance (and the ledger's error) must not depend on it.
+    images = [scene(1), COPIES["bright_+12"](scene(1)), COPIES["contrast_+20"](scene(1)), sky(2),
+              COPIES["bright_-12"](sky(2)), COPIES["greyscale"](sky(2)), sky(2, top=(200, 120, 60))]
+    thumbs = [thumbnail(image) for image in images]
+    for a in thumbs:
+        for b in thumbs:
+            assert verify_distance(a, b) == verify_distance(b, a)
+
+
 def test_verification_rejects_distinct_textured_images():
     for seed in range(6):
         assert verify_distance(thumbnail(scene(seed)), thumbnail(scene(seed + 100))) > 1.0

@@ -300,6 +300,8 @@ def verify_distance(a: bytes, b: bytes) -> float:
     matches a coloured one only when both have clear luma structure (a
     greyscale copy of a photograph); a flat grey sky does not match an orange one.
     """
+    if a > b:  # the chroma fit scales one side: a fixed order keeps the distance symmetric
+        a, b = b, a
     n = VERIFY_SIDE ** 2
     ya = np.frombuffer(a[:n], dtype=np.uint8).astype(np.float64)
     yb = np.frombuffer(b[:n], dtype=np.uint8).astype(np.float64)

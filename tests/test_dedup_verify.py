@@ -212,3 +212,15 @@ def test_node_keys_sort_like_ranks_and_give_back_the_uid():
     for note in [("phash", 0, 0.0), ("smooth", 6, 0.999), ("flip", 64, 12.5)]:
         assert unpack_note(pack_note(note)) == note
     assert pack_note(("flip", 6, 0.1)) < pack_note(("phash", 0, 0.2))  # nearest by verification first
+
+
+def test_bounded_verification_does_not_depend_on_element_order():
+    thumbs = [thumbnail(jpeg(sky(4), q)) for q in (40, 60, 80, 95)]
+    entries = [(bytes([1, i]), 0, t) for i, t in enumerate(thumbs)]
+    config = DedupConfig()
+    first, _ = verified_edges(entries, None, 1, 1, config, max_comparisons=3)
+    for seed in range(5):
+        shuffled = list(entries)
+        random.Random(seed).shuffle(shuffled)
+        assert verified_edges(shuffled, None, 1, 1, config, max_comparisons=3)[0] == first
+    assert len(first) == 3  # the window held: 3 of the 6 pairs were compared

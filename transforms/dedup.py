@@ -171,9 +171,9 @@ def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]],
     Entries of one image (both orientations) never pair with each other.
     ``max_comparisons`` bounds the pairs looked at (like a hot bucket's window).
     """
-    a = list(group_a)
+    a = sorted(group_a)  # a fixed order: the bounded window below must not depend on the runner
     pairs = (itertools.combinations(a, 2) if group_b is None
-             else itertools.product(a, list(group_b)))
+             else itertools.product(a, sorted(group_b)))
     if max_comparisons is not None:
         pairs = itertools.islice(pairs, max_comparisons)
     accepted, rejected = [], []

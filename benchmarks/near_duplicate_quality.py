@@ -1,5 +1,9 @@
-"""Near-duplicate quality of the perceptual hash on a generated image set.
+"""Near-duplicate quality of the perceptual hash, on generated images or on real photographs.
 
+Two modes.  ``--photographs`` is the one to trust (see its section below);
+the default, generated mode is fast and sweeps the hash's own parameters.
+
+Generated mode.
 Generates distinct base images (shapes, text, noise textures, mixtures; plus
 nearly flat ones: solid colours with sensor noise, linear and radial
 gradients, sky) and, for each, a family of copies (JPEG re-encodes, resizes,
@@ -11,7 +15,28 @@ crops, brightness, a small text overlay, greyscale, horizontal flip).  Prints:
   the low-information rule (images under min_information take no part in near dedup);
 * the information measure's distribution on flat and structured images.
 
+Photographs mode.  Real photographs from Debian packages that carry
+photographic wallpapers: ``mate-backgrounds`` (its nature/ folder, 12 photos)
+and ``plasma-workspace-wallpapers`` (the 12 photographs named in PLASMA_PHOTOS;
+the rest of that package is illustration).  The benchmark installs them with
+apt-get when they are missing (root, or pass --no-install and install them
+yourself); no photograph is kept in the repository.  From each photograph it
+cuts distinct crops (random sizes and shapes, overlapping each other by at most
+a quarter of the smaller one) and saves each as a JPEG of 320-640 px: the
+bases.  Crops of one photograph are the hard negatives (same light, same
+colours, same sky).  Each base gets transformed copies (PHOTO_TRANSFORMS: JPEG
+q40, WebP q70, 0.5x and 1.7x resizes, a 0.3x JPEG thumbnail, brightness and
+contrast +-, greyscale, horizontal flip (plain and re-encoded), 5% and 10%
+crops, a 3 degree rotation, a 10% letterbox, a corner watermark).  Every image
+is hashed with the pipeline's own signature code, then each rule decides as
+the pipeline does (exact groups, candidate pairs, verification, connected
+components), in one process.  Printed: recall per transform (the copy ends in
+its base's cluster) and the share of bases wrongly merged (their cluster holds
+a member of another base's family), overall and split at information 4.0
+(textured / smooth), for the old rule and the default config side by side.
+
 Usage:  python benchmarks/near_duplicate_quality.py [--bases 2000] [--flat 200] [--k 8]
+        python benchmarks/near_duplicate_quality.py --photographs [--crops-per-photo 18]
 """
 from __future__ import annotations
 
@@ -302,6 +327,256 @@ def print_sweep(result, chosen_k: int) -> None:
               f"{100 * base:8.2f}% {100 * sbase:15.2f}%")
 
 
+# --------------------------------------------------------------------------- photographs mode
+
+#: Debian packages with photographic wallpapers, and where their photographs are.
+PHOTO_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
+MATE_PHOTOS = "/usr/share/backgrounds/mate/nature/*.jpg"
+PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
+                 "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "summer_1am", "Volna")
+PLASMA_DIR = "/usr/share/wallpapers/{}/contents/images/*"
+
+PHOTO_TRANSFORMS = ["jpeg_q40", "webp_q70", "resize_0.5", "resize_1.7", "thumb_0.3", "bright_+12",
+                    "bright_-12", "contrast_+20", "contrast_-20", "greyscale", "flip", "flip_jpeg",
+                    "crop_5", "crop_10", "rotate_3", "letterbox_10", "watermark"]
+#: The transforms the issue's goals are about (>= 0.97 recall each at the default config).
+ROBUST = ["jpeg_q40", "webp_q70", "resize_0.5", "resize_1.7", "thumb_0.3", "bright_+12",
+          "bright_-12", "contrast_+20", "contrast_-20", "greyscale", "flip", "flip_jpeg"]
+#: Split for the merge figures: bases whose information is below this are "smooth".
+SMOOTH_BELOW = 4.0
+
+
+def photo_files(install: bool = True) -> List[str]:
+    """The photographs, largest file of each; installs the packages with apt-get when missing."""
+    import glob
+    import os
+    import subprocess
+
+    def found():
+        files = sorted(glob.glob(MATE_PHOTOS))
+        for name in PLASMA_PHOTOS:
+            candidates = glob.glob(PLASMA_DIR.format(name))
+            if candidates:
+                files.append(max(candidates, key=lambda f: _pixels(f)))
+        return files
+
+    files = found()
+    if len(files) < 12 + len(PLASMA_PHOTOS) and install:
+        print("installing " + " ".join(PHOTO_PACKAGES) + " with apt-get", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PHOTO_PACKAGES],
+                       check=False, env=env, stdout=subprocess.DEVNULL)
+        files = found()
+    if not files:
+        raise SystemExit("no photographs found: apt-get install " + " ".join(PHOTO_PACKAGES))
+    return files
+
+
+def _pixels(path: str) -> int:
+    with Image.open(path) as image:
+        return image.width * image.height
+
+
+def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kw)
+    return buffer.getvalue()
+
+
+def _decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def photo_crops(path: str, count: int, rng: random.Random) -> List[bytes]:
+    """Distinct crops of one photograph (overlap <= 1/4 of the smaller), as JPEG q92 of 320-640 px."""
+    Image.MAX_IMAGE_PIXELS = None  # the packages' own 5K wallpapers
+    photo = Image.open(path).convert("RGB")
+    width, height = photo.size
+    short = min(width, height)
+    boxes: List[Tuple[int, int, int, int]] = []
+
+    def overlap(a, b):
+        w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        return w * h
+
+    for _ in range(5000):
+        if len(boxes) >= count:
+            break
+        side, aspect = rng.uniform(0.18, 0.45) * short, rng.uniform(0.6, 1.7)
+        w, h = int(side * aspect ** 0.5), int(side / aspect ** 0.5)
+        if w >= width or h >= height:
+            continue
+        x, y = rng.randrange(width - w), rng.randrange(height - h)
+        box = (x, y, x + w, y + h)
+        if any(overlap(box, o) > 0.25 * min(w * h, (o[2] - o[0]) * (o[3] - o[1])) for o in boxes):
+            continue
+        boxes.append(box)
+    crops = []
+    for box in boxes:
+        crop = photo.crop(box)
+        side = rng.randint(320, 640)
+        crop.thumbnail((side, side), Image.Resampling.LANCZOS)
+        crops.append(_encoded(crop, "JPEG", quality=92))
+    return crops
+
+
+def photo_transformed(data: bytes, name: str, rng: random.Random) -> bytes:
+    """The bytes a copy would be served as."""
+    image = _decoded(data)
+    w, h = image.size
+    if name == "jpeg_q40":
+        return _encoded(image, "JPEG", quality=40)
+    if name == "webp_q70":
+        return _encoded(image, "WEBP", quality=70)
+    if name == "thumb_0.3":
+        small = image.resize((round(w * 0.3), round(h * 0.3)), Image.Resampling.LANCZOS)
+        return _encoded(small, "JPEG", quality=75)
+    if name == "flip_jpeg":
+        return _encoded(ImageOps.mirror(image), "JPEG", quality=75)
+    if name == "rotate_3":
+        out = image.rotate(3, resample=Image.Resampling.BICUBIC)
+    elif name == "letterbox_10":
+        pad = round(h * 0.1)
+        out = Image.new("RGB", (w, h + 2 * pad))
+        out.paste(image, (0, pad))
+    elif name == "watermark":
+        out = image.copy()
+        size = max(12, h // 16)
+        ImageDraw.Draw(out).text((w - size * 7, h - size - 8), "(c) photo", fill=(255, 255, 255),
+                                 font=_font(size))
+    elif name.startswith("resize_"):
+        f = float(name[7:])
+        out = image.resize((round(w * f), round(h * f)), Image.Resampling.BICUBIC)
+    elif name.startswith("contrast_"):
+        out = ImageEnhance.Contrast(image).enhance(1 + int(name[9:]) / 100)
+    elif name.startswith("bright_"):
+        out = ImageEnhance.Brightness(image).enhance(1 + int(name[7:]) / 100)
+    else:
+        out = transformed(image, name.replace("flip_jpeg", "flip"), rng.randrange(2 ** 30))
+    return _encoded(out, "PNG", compress_level=1)  # lossless: the transform is all that changed
+
+
+def _photo_job(args) -> List[Tuple[int, str, Dict]]:
+    """Hashed records (the pipeline's hash_record) of one base and its copies, for each rule."""
+    from paircurate.schema import new_record
+    from paircurate.transforms.dedup import hash_record
+
+    base_id, data, seed, configs = args
+    rng = random.Random(seed)
+    images = [("base", data)] + [(name, photo_transformed(data, name, rng)) for name in PHOTO_TRANSFORMS]
+    out = []
+    for variant, raw in images:
+        image = _decoded(raw)
+        info = information(image)
+        hashed = {}
+        for label, config in configs.items():
+            record = new_record(f"{base_id:05d}-{variant}", "http://x", "c", "s", 0, {})
+            record.update(raw=raw, image=b"-", original_width=image.width, original_height=image.height)
+            hashed[label] = hash_record(record, config)
+            hashed[label]["_information"] = info
+        out.append((base_id, variant, hashed))
+    return out
+
+
+def photo_rules():
+    """The rules compared: the old one (exact-only below information 4.0, no verification) and the default."""
+    from paircurate.config import DedupConfig
+
+    old = DedupConfig()
+    for name, value in OLD_RULE.items():
+        setattr(old, name, value)
+    return {"old": old, "default": DedupConfig()}
+
+
+#: The rule before verification (issue 12): what DedupConfig used to default to.
+OLD_RULE = {"min_information": 4.0, "smooth_below": 0.0, "flips": False, "verify": False}
+
+
+def build_photographs(per_photo: int, workers: int = 2, seed: int = 0, install: bool = True,
+                      files: List[str] = None):
+    rng = random.Random(seed)
+    jobs = []
+    rules = photo_rules()
+    for path in files or photo_files(install):
+        for crop in photo_crops(path, per_photo, rng):
+            jobs.append((len(jobs), crop, rng.randrange(2 ** 30), rules))
+    if workers <= 1:
+        results = list(map(_photo_job, jobs))
+    else:
+        with multiprocessing.Pool(workers) as pool:
+            results = pool.map(_photo_job, jobs, chunksize=2)
+    return [row for rows in results for row in rows], rules
+
+
+def photo_clusters(records: List[Dict], config) -> Dict[str, str]:
+    """uid -> cluster id, deciding as the pipeline does (exact groups, then near pairs), in memory."""
+    from paircurate.transforms.dedup import record_signature, near_edges
+    from paircurate.transforms.phash import connected_components
+
+    sigs = [record_signature(r) for r in records]
+    edges = []
+    by_sha: Dict[str, str] = {}
+    for sig in sigs:
+        if config.exact and sig[2] in by_sha:
+            edges.append((by_sha[sig[2]], sig[0]))
+        by_sha.setdefault(sig[2], sig[0])
+    if config.near:
+        edges.extend(near_edges(sigs, config))
+    return connected_components([s[0] for s in sigs], edges)
+
+
+def evaluate_photographs(rows, rules) -> Dict[str, Dict]:
+    out = {}
+    for label, config in rules.items():
+        records = [hashed[label] for _, _, hashed in rows]
+        cluster = photo_clusters(records, config)
+        family = {r["uid"]: fam for (fam, _, _), r in zip(rows, records)}
+        families_in: Dict[str, set] = {}
+        for uid, c in cluster.items():
+            families_in.setdefault(c, set()).add(family[uid])
+        recall, recall_above = {}, {}
+        base_info = {r["uid"].split("-")[0]: r["_information"] for (_, variant, _), r in zip(rows, records)
+                     if variant == "base"}
+        for name in PHOTO_TRANSFORMS:
+            copies = [r for (_, variant, _), r in zip(rows, records) if variant == name]
+            found = np.array([cluster[r["uid"]] == cluster[r["uid"].split("-")[0] + "-base"]
+                              for r in copies])
+            above = np.array([base_info[r["uid"].split("-")[0]] >= config.min_information
+                              for r in copies])
+            recall[name] = float(found.mean())
+            recall_above[name] = float(found[above].mean())
+        bases = [(r, hashed) for (_, variant, hashed), r in zip(rows, records) if variant == "base"]
+        merged = np.array([len(families_in[cluster[r["uid"]]]) > 1 for r, _ in bases])
+        smooth = np.array([information_of(hashed) < SMOOTH_BELOW for _, hashed in bases])
+        out[label] = {"recall": recall, "recall_above": recall_above, "merged": float(merged.mean()),
+                      "merged_textured": float(merged[~smooth].mean()) if (~smooth).any() else 0.0,
+                      "merged_smooth": float(merged[smooth].mean()) if smooth.any() else 0.0,
+                      "smooth_share": float(smooth.mean()), "bases": len(bases),
+                      "low_information": float(np.mean([r["low_information"] for r, _ in bases]))}
+    return out
+
+
+def information_of(hashed: Dict[str, Dict]) -> float:
+    return next(iter(hashed.values()))["_information"]
+
+
+def print_photographs(result: Dict[str, Dict]) -> None:
+    labels = list(result)
+    first = result[labels[0]]
+    print(f"\n{first['bases']} bases (crops of photographs), {100 * first['smooth_share']:.1f}% smooth "
+          f"(information < {SMOOTH_BELOW})")
+    print("Recall: all bases / bases at or above the rule's min_information (the others are exact-only)")
+    print(f"  {'transform':14s} " + " ".join(f"{label:>17s}" for label in labels))
+    for name in PHOTO_TRANSFORMS:
+        print(f"  {name:14s} " + " ".join(f"{result[label]['recall'][name]:8.3f} "
+                                          f"{result[label]['recall_above'][name]:8.3f}" for label in labels))
+    for key, text in (("merged", "distinct bases wrongly merged"),
+                      ("merged_textured", "  of them textured"), ("merged_smooth", "  of them smooth"),
+                      ("low_information", "bases exact-only (low_information)")):
+        print(f"  {text:34s} " + " ".join(f"{100 * result[label][key]:16.2f}%" for label in labels))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bases", type=int, default=2000)
@@ -309,8 +584,30 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=6, help="max_distance to report per transform")
     parser.add_argument("--min-information", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--photographs", action="store_true", help="real photographs (see above)")
+    parser.add_argument("--crops-per-photo", type=int, default=18)
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get the photo packages")
+    parser.add_argument("--cache", help="pickle of the hashed photographs: written, or read if it exists "
+                        "(to try other verification tolerances without hashing again)")
     args = parser.parse_args(argv)
     start = time.time()
+    if args.photographs:
+        import os
+        import pickle
+
+        if args.cache and os.path.exists(args.cache):
+            with open(args.cache, "rb") as handle:
+                rows, rules = pickle.load(handle)
+        else:
+            rows, rules = build_photographs(args.crops_per_photo, args.workers,
+                                            install=not args.no_install)
+            if args.cache:
+                with open(args.cache, "wb") as handle:
+                    pickle.dump((rows, rules), handle)
+        print(f"{len(rows)} images hashed in {time.time() - start:.0f}s")
+        print_photographs(evaluate_photographs(rows, rules))
+        print(f"\ntotal {time.time() - start:.0f}s")
+        return
     data = build(args.bases, args.flat, args.workers)
     images = sum(len(rows) for _, _, rows in data)
     print(f"{args.bases} structured + {args.flat} flat bases, {images} images hashed "

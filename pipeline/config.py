@@ -99,8 +99,16 @@ class DedupConfig:
     hash: str = "phash"
     hash_size: int = 8
     max_distance: int = 6
-    # Images whose information measure is below this take part in exact dedup only.
-    min_information: float = 4.0
+    # Images whose information measure is below this (truly flat) take part in exact dedup only.
+    min_information: float = 0.75
+    # Below this information the near search hashes with phash.smooth_hash, not the pHash.
+    smooth_below: float = 4.0
+    # Mirrored copies are near duplicates (canonical orientation; see phash.near_entries).
+    flips: bool = True
+    # Verify every candidate pair on the images' thumbnails (phash.verify_distance) and keep
+    # it only at verify_max_distance or less (1.0: the measured tolerances).
+    verify: bool = True
+    verify_max_distance: float = 1.0
     # Ledgers of earlier runs (paths or globs); their ok samples always win.
     history: List[str] = field(default_factory=list)
     # Upper bound on pairwise comparisons inside one candidate bucket; a bucket
@@ -344,6 +352,8 @@ RANGES: Dict[str, Bounds] = {
     "dedup.hash_size": Bounds(2, 32),              # imagehash needs 2+; near search 8 at most
     "dedup.max_distance": NON_NEGATIVE,            # at most the hash's bits, checked below
     "dedup.min_information": Bounds(0),
+    "dedup.smooth_below": Bounds(0),
+    "dedup.verify_max_distance": Bounds(0),
     "dedup.max_bucket_comparisons": AT_LEAST_ONE,
     "dedup.blocks": NON_NEGATIVE,                  # 0: automatic; else above max_distance
     "dedup.partitions": AT_LEAST_ONE,

@@ -49,6 +49,13 @@ class OutputLayout:
     def file(self, name: str) -> str:
         return FileSystems.join(self.root, name)
 
+    def file_in_work(self, name: str) -> str:
+        return FileSystems.join(self.work, name)
+
+
+#: The near-duplicate candidates verification rejected, nearest first (finalise moves them to stats.json).
+REJECTED_FILE = "dedup_rejected.json"
+
 
 @dataclass
 class InputPlan:
@@ -97,7 +104,8 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
     if config.dedup.enabled:
         records = (records
                    | "Stage" >> stage
-                   | "Dedup" >> DeduplicateImages(config.dedup))
+                   | "Dedup" >> DeduplicateImages(config.dedup,
+                                                rejected_path=layout.file_in_work(REJECTED_FILE)))
     records = add_clip(records, config, layout.root, staging)
     if not config.dedup.enabled:
         records = records | "Stage" >> stage

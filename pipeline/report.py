@@ -276,6 +276,8 @@ class LedgerSummary:
     lowest_kept_score: Optional[float] = None
     #: image-dedup representative uid -> number of duplicates pointing at it
     duplicates_of: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #: signal that found each image duplicate (duplicate_signal) -> rows
+    duplicate_signals: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _merge_min(a: Optional[float], b: Any) -> Optional[float]:
@@ -292,6 +294,7 @@ def summarise_ledger(tables: Iterable[pa.Table]) -> LedgerSummary:
     by_status: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
     duplicates: collections.Counter = collections.Counter()
+    signals: collections.Counter = collections.Counter()
     for table in tables:
         summary.rows += len(table)
         status = table["status"]
@@ -314,6 +317,10 @@ def summarise_ledger(tables: Iterable[pa.Table]) -> LedgerSummary:
                 summary.lowest_kept_score = _merge_min(summary.lowest_kept_score,
                                                        pc.min(kept).as_py())
         is_dup = pc.is_in(status, value_set=pa.array(IMAGE_DUPLICATE_STATUSES))
+        dups = table.filter(is_dup).select(["status", "error"])
+        if len(dups):
+            for row in dups.group_by(["status", "error"]).aggregate([("status", "count")]).to_pylist():
+                signals[duplicate_signal(row["status"], row["error"])] += row["status_count"]
         reps = pc.drop_null(pc.filter(table["duplicate_of"], is_dup))
         if len(reps):
             for row in pa.table({"rep": reps}).group_by("rep").aggregate([("rep", "count")]).to_pylist():
@@ -321,7 +328,25 @@ def summarise_ledger(tables: Iterable[pa.Table]) -> LedgerSummary:
     summary.by_status = dict(by_status)
     summary.errors = dict(errors)
     summary.duplicates_of = dict(duplicates)
+    summary.duplicate_signals = dict(signals)
     return summary
+
+
+#: The signals an image duplicate can be found by, in the order the report lists them.
+DUPLICATE_SIGNALS = ("exact", "phash", "smooth", "flip")
+
+
+def duplicate_signal(status: str, error: Optional[str]) -> str:
+    """Which signal found an image duplicate: exact, phash, smooth or flip (its ledger error says).
+
+    ``near: exact copy of UID`` is an exact copy of a near duplicate: exact.
+    Ledgers from before verification (``near: distance=N``) count as phash.
+    """
+    text = error or ""
+    if status == "duplicate_exact" or text.startswith("near: exact copy of"):
+        return "exact"
+    word = text[len("near: "):].split(" ", 1)[0] if text.startswith("near: ") else ""
+    return word if word in DUPLICATE_SIGNALS else "phash"
 
 
 def largest_clusters(duplicates_of: Mapping[str, int], n: int = CLUSTER_SAMPLES) -> List[str]:
@@ -731,6 +756,8 @@ def render_html(root: str, stats: Mapping[str, Any], summary: LedgerSummary, det
             + (f'<img class="plot" id="cluster-sizes" src="{plot}" alt="cluster sizes">' if plot else "")
             + '<table id="cluster-size-table" style="width:auto"><tr><th class="n">cluster size</th>'
               f'<th class="n">clusters</th></tr>{size_rows}</table>'
+            + _signals_html(summary.duplicate_signals)
+            + _rejected_html(stats)
             + f'<h3>Largest clusters</h3><div class="clusters">'
               f'{_clusters_html(cluster_reps, details, summary.duplicates_of, cluster_samples)}</div>'
             + "</section>")
@@ -888,6 +915,40 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], max_
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def _signals_html(signals: Mapping[str, int]) -> str:
+    """Which signal found the image duplicates (exact, pHash, smooth hash, flip)."""
+    rows = "".join(f'<tr><td>{esc(name)}</td><td class="n" data-signal="{esc(name)}" '
+                   f'data-value="{int(signals.get(name, 0))}">{_int(int(signals.get(name, 0)))}</td></tr>'
+                   for name in DUPLICATE_SIGNALS)
+    return ('<h3>Found by</h3><table id="dup-signals" style="width:auto"><tr><th>signal</th>'
+            f'<th class="n">duplicates</th></tr>{rows}</table><p class="note">exact: the same decoded '
+            'pixels; phash / smooth: a verified pair whose candidate came from the pHash or, for smooth '
+            'images, the smooth hash; flip: a verified pair of mirrored images.</p>')
+
+
+def _rejected_html(stats: Mapping[str, Any]) -> str:
+    """The candidate pairs verification rejected that came nearest to the threshold."""
+    dedup = stats.get("dedup") or {}
+    nearest = dedup.get("nearest_rejected")
+    if nearest is None:
+        return ""
+    threshold = ((stats.get("config") or {}).get("dedup") or {}).get("verify_max_distance")
+    rows = "".join(
+        f'<tr><td class="n" data-verify="{float(p.get("verify", 0)):.3f}">{float(p.get("verify", 0)):.3f}</td>'
+        f'<td class="n">{int(p.get("distance", 0))}</td><td>{esc(str(p.get("signal")))}</td>'
+        f'<td><code>{esc(str(p.get("uid_a")))}</code></td><td><code>{esc(str(p.get("uid_b")))}</code></td></tr>'
+        for p in nearest[:10])
+    counts = (f'{_int(int(dedup.get("verified_pairs") or 0))} candidate pairs verified, '
+              f'{_int(int(dedup.get("rejected_pairs") or 0))} rejected. ')
+    return (f'<h3>Nearest rejected candidates</h3><p class="note">{counts}Verification distance at or '
+            f'below <code>dedup.verify_max_distance</code> ({esc(str(threshold))}) makes a near duplicate; '
+            'these candidate pairs came closest without being merged (their uids are ledger rows: '
+            'look at the pairs to tune the threshold).</p>'
+            + ('<table id="nearest-rejected" style="width:auto"><tr><th class="n">verification</th>'
+               '<th class="n">hash distance</th><th>signal</th><th>uid</th><th>uid</th></tr>'
+               f'{rows}</table>' if rows else '<p class="note">No candidate pair was rejected.</p>'))
 
 
 def _shuffle_table(stats: Mapping[str, Any]) -> str:

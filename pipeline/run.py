@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from paircurate import __version__
 from paircurate.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
-from paircurate.graph import OutputLayout, build, plan_input
+from paircurate.graph import REJECTED_FILE, OutputLayout, build, plan_input
 from paircurate.lock import LockError, OutputLock
 from paircurate.schema import STATUS_ORDER
 from paircurate.transforms.write import read_json, write_json
@@ -340,7 +340,9 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
         return finalise(layout, config, started, rows,
                         {"stages": stage_timings(result), **shuffle_stats(result, rows),
                          "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0,
-                         "progress": progress})
+                         "progress": progress,
+                         "dedup": {name: counter_total(result, name, "dedup")
+                                   for name in ("verified_pairs", "rejected_pairs")}})
 
 
 def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:
@@ -382,6 +384,11 @@ def finalise(layout: OutputLayout, config: Config, started: float, rows_read: Op
     stats = build_stats(counts, manifest, config, started, time.time(), rows_read)
     stats["stages"] = {}
     stats.update(extra or {})
+    rejected = FileSystems.join(layout.work, REJECTED_FILE)
+    if FileSystems.exists(rejected):
+        stats.setdefault("dedup", {})["nearest_rejected"] = [
+            dict(zip(("verify", "distance", "signal", "uid_a", "uid_b"), pair))
+            for pair in read_json(rejected)]
     write_json(layout.file("manifest.json"), manifest)
     write_json(layout.file("stats.json"), stats)
     if config.output.report:

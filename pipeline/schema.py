@@ -58,6 +58,7 @@ LEDGER_FIELDS: List[pa.Field] = [
     pa.field("image_sha256", pa.string()),
     pa.field("phash", pa.string()),
     pa.field("low_information", pa.bool_()),
+    pa.field("near_signature", pa.string()),
     pa.field("duplicate_of", pa.string()),
     pa.field("clip_score", pa.float32()),
 ]

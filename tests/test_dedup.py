@@ -20,7 +20,7 @@ from paircurate.beam_util import test_pipeline
 from paircurate.config import DedupConfig
 from paircurate.schema import LEDGER_FIELDS, Status, mark, new_record
 from paircurate.transforms.dedup import DeduplicateImages, hash_record
-from paircurate.transforms.phash import (bucket_entries, bucket_pairs, bucket_partition,
+from paircurate.transforms.phash import (ENTRY_BYTES, bucket_entries, bucket_pairs, bucket_partition,
                                          candidate_pairs, choose_representative,
                                          connected_components, content_sha256, default_blocks,
                                          hamming, hash_hex, hash_int, information, key_masks,
@@ -205,8 +205,9 @@ def test_hash_record_fills_signatures_and_frees_bytes():
     assert record["raw"] is None and record["image"] == b"resized"
     assert len(record["phash"]) == 16 and len(record["image_sha256"]) == 64
     assert record["low_information"] is False
+    assert len(record["near_signature"]) % (2 * ENTRY_BYTES) == 0 and record["near_signature"]
     flat = hash_record(live("u2", encode(Image.new("RGB", (64, 64), (9, 9, 9)))), config)
-    assert flat["low_information"] is True
+    assert flat["low_information"] is True and flat["near_signature"] == ""
     broken = live("u3", encode(picture(6)))
     broken["raw"] = b"not an image"
     broken["image"] = None
@@ -236,7 +237,7 @@ def test_exact_and_near_duplicates_and_untouched_records():
     assert (by_uid["b"]["status"], by_uid["b"]["duplicate_of"], by_uid["b"]["error"]) == \
         ("duplicate_near", "c", "near: exact copy of a")
     assert by_uid["d"]["status"] == "duplicate_near" and by_uid["d"]["duplicate_of"] == "c"
-    assert by_uid["d"]["error"].startswith("near: distance=")
+    assert by_uid["d"]["error"].startswith("near: phash distance=")
     assert by_uid["e"]["status"] == "ok" and by_uid["e"]["duplicate_of"] is None
     for uid in "abcde":
         assert by_uid[uid]["raw"] is None and by_uid[uid]["image_sha256"]
@@ -252,9 +253,11 @@ def test_chain_cluster_and_rank_order():
                slim("d", d, pixels=10), slim("z", flip(a, range(20, 40)), pixels=10)]
     by_uid, _ = run(records)
     assert by_uid["c"]["status"] == "ok"
-    for uid, distance in (("a", 12), ("b", 6), ("d", 6)):
+    for uid in ("a", "b", "d"):
+        # the error names the image's nearest verified pair (a's is b, 6 bits away), not the
+        # representative; unverified here: these records carry no thumbnails
         assert by_uid[uid]["status"] == "duplicate_near" and by_uid[uid]["duplicate_of"] == "c"
-        assert by_uid[uid]["error"] == f"near: distance={distance}"
+        assert by_uid[uid]["error"] == "near: phash distance=6 verify=0.00"
     assert by_uid["z"]["status"] == "ok"
 
 

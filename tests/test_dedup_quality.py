@@ -18,7 +18,9 @@ def result():
     spec.loader.exec_module(quality)
     config = DedupConfig()
     data = quality.build(bases=120, flat=24, workers=1, seed=1234)
-    return quality.evaluate(data, ks=[config.max_distance], min_information=config.min_information,
+    # The information measure at smooth_below: where smooth images get the smooth hash (and
+    # where the old rule left them to exact dedup only).
+    return quality.evaluate(data, ks=[config.max_distance], min_information=config.smooth_below,
                             chosen_k=config.max_distance), config.max_distance
 
 
@@ -30,7 +32,7 @@ def test_recall_of_robust_transforms_at_default_k(result):
     assert res["recall"][(k, "crop_10")] < res["recall"][(k, "crop_5")]
 
 
-def test_information_rule_flags_flat_images_not_structured_ones(result):
+def test_information_measure_separates_flat_images_from_structured_ones(result):
     res, k = result
     assert res["low_share_flat"] >= 0.5
     assert res["low_share_structured"] <= 0.1

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import ImageOps
 from click.testing import CliRunner
 
 from paircurate import report
@@ -64,6 +65,15 @@ def test_cluster_sizes_and_largest_clusters():
     assert report.largest_clusters(dups, 3) == ["b", "d", "a"]
 
 
+def test_duplicate_signal_reads_the_ledger_error():
+    assert report.duplicate_signal("duplicate_exact", "exact") == "exact"
+    assert report.duplicate_signal("duplicate_near", "near: exact copy of abc") == "exact"
+    assert report.duplicate_signal("duplicate_near", "near: smooth distance=2 verify=0.10") == "smooth"
+    assert report.duplicate_signal("duplicate_near", "near: flip distance=0 verify=0.05") == "flip"
+    assert report.duplicate_signal("duplicate_near", "near: phash distance=4 verify=0.31") == "phash"
+    assert report.duplicate_signal("duplicate_near", "near: distance=4") == "phash"  # older ledgers
+
+
 def test_format_table_aligns_and_truncates():
     rows = [{"uid": "u1", "caption": "x" * 100, "clip_score": 0.5},
             {"uid": "u22", "caption": "two\nlines", "clip_score": None}]
@@ -93,6 +103,8 @@ def build_rows(server):
     server.routes["/mirror/b.jpg"] = Route(good0)
     server.routes["/mirror/c.jpg"] = Route(server.routes["/good/1.jpg"].body)
     server.routes["/copy/2.jpg"] = Route(encode(image2.resize((image2.width // 2, image2.height // 2)), quality=70))
+    image4, caption4 = synthetic_image(9104)
+    server.routes["/flip/4.jpg"] = Route(encode(ImageOps.mirror(image4), quality=80))
     server.routes["/page.html"] = Route(b"<html>hi</html>", "text/html")
     server.routes["/corrupt.jpg"] = Route(good0[:30] + b"\x00" * 100)
     server.routes["/optout.jpg"] = Route(good0, headers=[("X-Robots-Tag", "noai")])
@@ -101,6 +113,7 @@ def build_rows(server):
         {"url": server.url("/mirror/b.jpg"), "caption": "and once more"},
         {"url": server.url("/mirror/c.jpg"), "caption": "another mirror"},
         {"url": server.url("/copy/2.jpg"), "caption": caption2 + " (small copy)"},
+        {"url": server.url("/flip/4.jpg"), "caption": caption4 + " (mirrored)"},
         dict(rows[3]),
         {"url": server.url("/missing/1.jpg"), "caption": "a missing picture"},
         {"url": server.url("/missing/2.jpg"), "caption": "another missing picture"},
@@ -178,6 +191,14 @@ def test_run_writes_report_and_stats_funnel(finished):
     # Rows/s over time, from the progress the workers reported; the final sums match the ledger.
     assert page.by_id("timeline") is not None and page.with_attr("data-rate")
     assert on_disk["progress"]["counts"]["read/rows"] == on_disk["rows_in"]
+    # Verification figures: pairs verified and rejected, the nearest rejected ones nearest first.
+    dedup = on_disk["dedup"]
+    assert dedup["verified_pairs"] >= 1 and dedup["rejected_pairs"] is not None
+    nearest = [p["verify"] for p in dedup["nearest_rejected"]]
+    assert nearest == sorted(nearest) and all(v > 1.0 for v in nearest)
+    assert len(nearest) == min(dedup["rejected_pairs"], 20)
+    shown = [float(a["data-verify"]) for a in page.with_attr("data-verify")]
+    assert shown == pytest.approx(nearest[:10], abs=1e-3)
 
 
 def test_report_figures_equal_the_ledger(finished):
@@ -229,6 +250,17 @@ def test_report_figures_equal_the_ledger(finished):
     ok_uids = {r["uid"] for r in ledger if r["status"] == "ok"}
     clusters = page.with_attr("data-representative")
     assert clusters and all(int(a["data-duplicates"]) == reps[a["data-representative"]] for a in clusters)
+
+    # Which signal found each duplicate, as the ledger's errors say; the mirrored copy is a flip.
+    signals = collections.Counter(report.duplicate_signal(r["status"], r["error"]) for r in ledger
+                                  if r["status"] in ("duplicate_exact", "duplicate_near"))
+    shown_signals = {a["data-signal"]: int(a["data-value"]) for a in page.with_attr("data-signal")}
+    assert shown_signals == {name: signals.get(name, 0) for name in report.DUPLICATE_SIGNALS}
+    assert signals["exact"] >= 2 and signals["flip"] >= 1
+    pair = [r for r in ledger if r["url"].endswith(("/flip/4.jpg", "/good/4.jpg"))]
+    statuses = sorted(r["status"] for r in pair)
+    assert statuses == ["duplicate_near", "ok"]  # either may be the representative (uid order)
+    assert next(r for r in pair if r["status"] == "duplicate_near")["error"].startswith("near: flip")
 
     grid = [a["data-key"] for a in page.with_attr("data-tile") if a["data-tile"] == "kept"]
     assert len(grid) == len(set(grid)) == min(by_status["ok"], report.KEPT_SAMPLES)

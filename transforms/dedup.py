@@ -2,20 +2,26 @@
 
 The graph (every global step is a shuffle; nothing collects all hashes in one worker):
 
-1. hash     live records -> image_sha256, phash, low_information; raw dropped.
-2. slim     (uid, rank, sha256, phash, low) signatures; the records wait, keyed
-            by uid, for the decisions (staged records, their details and
-            bytes in staging, so only decided fields cross that join).
+1. hash     live records -> image_sha256, phash, low_information, near_signature
+            (phash.near_entries: search hashes + thumbnails); raw dropped.
+2. slim     (uid, rank, sha256, phash, low, near entries) signatures; the records
+            wait, keyed by uid, for the decisions (staged records, their details
+            and bytes in staging, so only decided fields cross that join).
             History rows (status ok) join as signatures that always win.
 3. exact    GroupByKey(sha256): the best-ranked signature survives, the others
             are duplicate_exact of it.
-4. collapse survivors with information >= min_information: GroupByKey(phash) ->
-            one node per distinct phash, ranked by its best member.  Identical
-            hashes (degenerate images) are thus compared once, not pairwise.
-5. pairs    bucket keys per node (phash.py: pigeonhole blocks), batched per
-            worker into numpy arrays per partition -> GroupByKey(partition) ->
-            verify inside each bucket -> each near pair once.
-6. cluster  min-label propagation over the pairs, ``cluster_rounds`` rounds
+4. entries  each survivor's near entries, keyed by search hash (none for
+            low-information, i.e. truly flat, images).  Distinct search hashes
+            go to the candidate search, so identical hashes are searched once.
+5. pairs    bucket keys per distinct hash (phash.py: pigeonhole blocks), batched
+            per worker into numpy arrays per partition -> GroupByKey(partition)
+            -> candidate hash pairs within max_distance, each once.
+6. verify   CoGroupByKey(hash) of entries and candidate pairs: the entries of a
+            hash are verified among themselves and forwarded to each candidate
+            neighbour; a second CoGroupByKey verifies them against the
+            neighbour's entries (phash.verify_distance on the thumbnails).  Only
+            verified pairs become edges between images (nodes are ranks).
+7. cluster  min-label propagation over the edges, ``cluster_rounds`` rounds
             (one GroupByKey each; only changed labels are re-sent).  A node's
             label is the best rank reachable from it, so the cluster's
             representative is its best member: history first, then the largest
@@ -24,28 +30,30 @@ The graph (every global step is a shuffle; nothing collects all hashes in one wo
             diameter <= cluster_rounds converge exactly; beyond that a node may
             point at a better node that itself points further (duplicate_of
             chains that end at a kept image; metric dedup/unconverged_nodes).
-7. decide   members joined with their node's label -> duplicate_near; all
-            decisions joined back to the records by uid.
+8. decide   every live node whose label is another image -> duplicate_near, its
+            error naming the signal and distances of its nearest verified pair;
+            all decisions joined back to the records by uid.
 
-Defaults, measured by benchmarks/near_duplicate_quality.py (2,000 generated
-structured images + 200 nearly flat ones, 14 transformed copies each):
+Defaults, measured by benchmarks/near_duplicate_quality.py --photographs (425
+distinct crops of 24 photographs from Debian's wallpaper packages, 17
+transformed copies each; README, Deduplication, has the table):
 
-* max_distance = 6.  pHash sets (almost always) exactly half of its 64 bits (coefficient >
-  median), so distances are even and k=7 behaves like k=6.  At k=6 a copy is
-  within k of its original for >= 96.6% of JPEG q30-95, resizes 0.25x-2x,
-  brightness +-15% and greyscale copies; small text overlays 75%, crops of
-  5% 44% and of 10% 5% (pHash is not crop-robust); horizontal flips 0% (the
-  DCT's odd columns change sign: pHash cannot catch flips).  k=8 would add
-  crop-5% (65%) and text (81%) but doubles the structured families falsely
-  merged (3.1% -> 6.3% of 2,000 families, a share that grows with the set).
-* min_information = 4.0 grey levels.  Below it: 72% of the flat images,
-  4.2% of the structured ones.  At k=6 it cuts families falsely merged from
-  8.2% to 4.6% (distinct base images merged: 0.95% -> 0.36%) for 3.7 points
-  of near-duplicate recall (copies of low-information images are then only
-  caught when exact).
+* max_distance = 6 (search hashes).  pHash sets (almost always) exactly half
+  of its 64 bits, so distances are even and k=7 behaves like k=6.
+* smooth_below = 4.0: below it (16% of the photographs: sky, water, fog)
+  the pHash follows JPEG noise (copies 8-18 bits away); the smooth hash keeps
+  99% of their re-encodes within 6 bits.  Within x1.5 of it an image gets both.
+* verification (phash.verify_distance tolerances): copies of non-flat bases
+  found 99-100% for re-encodes, resizes, brightness, contrast, greyscale and
+  flips, distinct bases wrongly merged 0.47% (0% of the textured ones).
+* min_information = 0.75 grey levels: below it (5.4% of the photographs,
+  crops of fog and flat night sky) distinct images are the same 6x6 thumbnail
+  to within 2% in level and colour, so they stay exact-only; at 0.25 they
+  would be merged (4.5% of bases wrongly merged instead of 0.24%).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
@@ -57,14 +65,21 @@ from paircurate.beam_util import metered_cogroup, metered_group
 from paircurate.config import DedupConfig
 from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
 from paircurate.transforms.staging import decided_only
-from paircurate.transforms.phash import (Rank, bucket_entries, bucket_pairs, bucket_partition,
-                                         default_blocks, hamming, hash_hex, hash_int, key_masks,
-                                         rank, signature)
+from paircurate.transforms.phash import (MIRRORED, SMOOTH, Rank, bucket_entries, bucket_pairs,
+                                         bucket_partition, default_blocks, hamming, hash_hex,
+                                         hash_int, key_masks, rank, signature, split_entries,
+                                         verify_distance)
 
 _NS = "dedup"
 
-#: (uid, rank, image_sha256 or None, phash int or None, low_information)
-Sig = Tuple[str, Rank, Optional[str], Optional[int], bool]
+#: (uid, rank, image_sha256 or None, phash int or None, low_information, near entries)
+#: near entries: phash.near_entries() bytes (b"" for flat images; None when unknown, e.g.
+#: a ledger from before near_signature: then the pHash is the entry, unverified).
+Sig = Tuple[str, Rank, Optional[str], Optional[int], bool, Optional[bytes]]
+#: One entry of the near search: (node_key(rank), flags, thumbnail), keyed by its search hash.
+Entry = Tuple[bytes, int, bytes]
+#: (why: "phash" | "smooth" | "flip", Hamming distance of the search hashes, verification distance)
+EdgeNote = Tuple[str, int, float]
 #: (uid, (status, duplicate_of, error))
 Decision = Tuple[str, Tuple[str, str, str]]
 
@@ -72,7 +87,7 @@ Decision = Tuple[str, Tuple[str, str, str]]
 # --------------------------------------------------------------------------- pure record steps
 
 def hash_record(record: Dict[str, Any], config: DedupConfig) -> Dict[str, Any]:
-    """Fill image_sha256, phash, low_information of a live record and drop its raw bytes.
+    """Fill image_sha256, phash, low_information, near_signature of a live record; drop its raw bytes.
 
     Hashes the original (``raw``); falls back to the resized ``image`` when raw
     is gone.  A record that already carries image_sha256 (slim records,
@@ -83,12 +98,14 @@ def hash_record(record: Dict[str, Any], config: DedupConfig) -> Dict[str, Any]:
     data = record.get("raw") or record.get("image")
     if data:
         try:
-            sig = signature(data, config.hash, config.hash_size)
+            sig = signature(data, config.hash, config.hash_size, config.min_information,
+                            config.smooth_below, config.flips)
         except Exception as exc:  # the resize stage decoded it, so this is rare
             return mark(record, Status.DECODE_FAILED, f"corrupt: {type(exc).__name__}")
         record["image_sha256"] = sig.sha256
         record["phash"] = hash_hex(sig.phash, config.hash_size ** 2)
         record["low_information"] = sig.information < config.min_information
+        record["near_signature"] = sig.near.hex()
     elif record.get("image_sha256") is None:
         return mark(record, Status.DECODE_FAILED, "no_image")
     if record.get("low_information") is None:
@@ -97,18 +114,88 @@ def hash_record(record: Dict[str, Any], config: DedupConfig) -> Dict[str, Any]:
     return record
 
 
+def _near_bytes(text: Optional[str]) -> Optional[bytes]:
+    return bytes.fromhex(text) if text is not None else None
+
+
 def record_signature(record: Dict[str, Any]) -> Sig:
     phash = record.get("phash")
     return (record["uid"],
             rank(record["uid"], record.get("original_width"), record.get("original_height")),
             record.get("image_sha256"), hash_int(phash) if phash else None,
-            bool(record.get("low_information")))
+            bool(record.get("low_information")), _near_bytes(record.get("near_signature")))
 
 
 def history_signature(row: Dict[str, Any]) -> Sig:
     phash = row.get("phash")
     return (row["uid"], rank(row["uid"], 0, 0, history=True), row.get("image_sha256"),
-            hash_int(phash) if phash else None, bool(row.get("low_information")))
+            hash_int(phash) if phash else None, bool(row.get("low_information")),
+            _near_bytes(row.get("near_signature")))
+
+
+def near_entries_of(sig: Sig) -> List[Tuple[int, Entry]]:
+    """(search hash, (node_key(rank), flags, thumbnail)) for each entry of a signature.
+
+    Low-information (flat) images have none.  A signature without
+    near_signature (an older ledger, hand-made records) has its pHash as its
+    one entry, without a thumbnail: its pairs are not verified.
+    """
+    _, rank_, _, phash, low, near = sig
+    if low:
+        return []
+    node = node_key(rank_)
+    if near is None:
+        return [(phash, (node, 0, b""))] if phash is not None else []
+    return [(search, (node, flags, thumb)) for flags, search, thumb in split_entries(near)]
+
+
+def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
+    """Why two entries are near duplicates (the signal that found them) and how near they are."""
+    if (a[1] ^ b[1]) & MIRRORED:
+        why = "flip"
+    elif (a[1] | b[1]) & SMOOTH:
+        why = "smooth"
+    else:
+        why = "phash"
+    distance = verify_distance(a[2], b[2]) if a[2] and b[2] else 0.0
+    return why, hamming(search_a, search_b), round(distance, 3)
+
+
+def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]], search_a: int,
+                   search_b: int, config: DedupConfig, max_comparisons: Optional[int] = None,
+                   with_nodes: bool = False) -> Tuple[List[Tuple[bytes, bytes, EdgeNote]], List]:
+    """Verified pairs between two groups of entries (or within one, when group_b is None).
+
+    Returns (accepted (node, node, note) edges, the rejected pairs' notes, or
+    with ``with_nodes`` their (node, node, note)).
+    Entries of one image (both orientations) never pair with each other.
+    ``max_comparisons`` bounds the pairs looked at (like a hot bucket's window).
+    """
+    a = sorted(group_a)  # a fixed order: the bounded window below must not depend on the runner
+    pairs = (itertools.combinations(a, 2) if group_b is None
+             else itertools.product(a, sorted(group_b)))
+    if max_comparisons is not None:
+        pairs = itertools.islice(pairs, max_comparisons)
+    accepted, rejected = [], []
+    for x, y in pairs:
+        if x[0] == y[0]:
+            continue
+        note = edge_note(x, y, search_a, search_b)
+        if not config.verify or note[2] <= config.verify_max_distance:
+            accepted.append((min(x[0], y[0]), max(x[0], y[0]), note))
+        else:
+            rejected.append((x[0], y[0], note) if with_nodes else note)
+    return accepted, rejected
+
+
+#: How many of the nearest rejected pairs a run reports (stats.json, report.html).
+NEAREST_REJECTED = 20
+
+
+def rejected_pair(a: bytes, b: bytes, note: EdgeNote) -> Tuple[float, int, str, str, str]:
+    """(verification distance, Hamming distance, signal, uid, uid) of a rejected pair: sorts nearest first."""
+    why, distance, verify = note
+    return verify, distance, why, node_uid(a), node_uid(b)
 
 
 def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]]) -> Dict[str, Any]:
@@ -122,12 +209,12 @@ def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]
 
 def sha_keyed(sig: Sig) -> Tuple[bytes, Sig]:
     """(sha256 as bytes, the signature without it): the exact step's shuffle carries the digest once."""
-    uid, rank_, sha, phash, low = sig
+    uid, rank_, sha, phash, low, near = sig
     try:
         key = bytes.fromhex(sha) if sha else b""
     except ValueError:  # not hex (a hand-made history ledger): the text itself is the key
         key = sha.encode("utf-8")
-    return key, (uid, rank_, None, phash, low)
+    return key, (uid, rank_, None, phash, low, near)
 
 
 def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:
@@ -141,13 +228,75 @@ def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:
     return best, decisions
 
 
-def near_decisions(phash: int, label: Tuple[Rank, int], member_ranks: Iterable[Rank]
-                   ) -> List[Decision]:
-    """duplicate_near for every live member of a node except the cluster's representative."""
-    best_rank, best_phash = label
-    distance = hamming(phash, best_phash)
-    return [(r[2], (Status.DUPLICATE_NEAR.value, best_rank[2], f"near: distance={distance}"))
-            for r in member_ranks if r != best_rank]
+def near_edges(sigs: List[Sig], config: DedupConfig) -> List[Tuple[str, str]]:
+    """(uid, uid) near-duplicate pairs among signatures, in one process (benchmarks, tests).
+
+    The same decisions as the Beam graph's candidate and verification steps,
+    without clusters: connected components of these edges are its clusters.
+    """
+    from paircurate.transforms.phash import near_pairs
+
+    by_search: Dict[int, List[Entry]] = {}
+    for sig in sigs:
+        for search, entry in near_entries_of(sig):
+            by_search.setdefault(search, []).append(entry)
+    distinct = np.array(sorted(by_search), dtype=np.uint64)
+    value_pairs, _ = near_pairs(distinct, config.max_distance, config.hash_size ** 2,
+                                config.blocks or None, config.max_bucket_comparisons)
+    edges = []
+    for search, group in by_search.items():
+        edges += verified_edges(group, None, search, search, config)[0]
+    for a, b in value_pairs.tolist():
+        edges += verified_edges(by_search[a], by_search[b], a, b, config)[0]
+    return [(node_uid(x), node_uid(y)) for x, y, _ in edges]
+
+
+_WHY = ("phash", "smooth", "flip")
+_MAX_PIXELS = (1 << 63) - 1
+
+
+def node_key(rank_: Rank) -> bytes:
+    """A rank as compact bytes whose order is the rank's: the clustering's node ids and labels.
+
+    (history flag, largest pixel count first, uid): 1 + 8 + 1 + 16 bytes for a
+    hex uid, where the tuple costs a pickle of three objects in every message.
+    """
+    flag, negative_pixels, uid = rank_
+    try:
+        raw = bytes.fromhex(uid)
+        uid_bytes = b"\x00" + raw if raw.hex() == uid else None
+    except ValueError:
+        uid_bytes = None
+    if uid_bytes is None:  # not lowercase hex (hand-made ledgers, tests): its text
+        uid_bytes = b"\x01" + uid.encode("utf-8")
+    return bytes([flag]) + (_MAX_PIXELS + negative_pixels).to_bytes(8, "big") + uid_bytes
+
+
+def node_uid(key: bytes) -> str:
+    return key[10:].hex() if key[9] == 0 else key[10:].decode("utf-8")
+
+
+def pack_note(note: EdgeNote) -> int:
+    """An edge note as one int (why, Hamming distance, verification distance in thousandths)."""
+    why, distance, verify = note
+    return (int(round(verify * 1000)) << 10) | (distance << 2) | _WHY.index(why)
+
+
+def unpack_note(packed: int) -> EdgeNote:
+    return _WHY[packed & 3], (packed >> 2) & 255, (packed >> 10) / 1000
+
+
+def near_decision(node: bytes, label: bytes, note: int) -> List[Decision]:
+    """duplicate_near for a live image whose cluster's representative is another one.
+
+    The error names the signal of the image's nearest verified pair and its
+    distances: ``near: phash distance=4 verify=0.31`` (``smooth``, ``flip``).
+    """
+    if label == node or node[0] != 1:
+        return []
+    why, distance, verify = unpack_note(note)
+    return [(node_uid(node), (Status.DUPLICATE_NEAR.value, node_uid(label),
+                              f"near: {why} distance={distance} verify={verify:.2f}"))]
 
 
 def resolve_exact(element) -> Iterator[Decision]:
@@ -244,19 +393,67 @@ class _PairsFn(beam.DoFn):
             yield a, b
 
 
+class _VerifyFn(beam.DoFn):
+    """Candidate pairs of search hashes -> verified (node, node, packed note) edges between images.
+
+    Step "within" (keyed by a search hash, with its candidate neighbours): the
+    pairs among its entries, and its entries forwarded under each candidate
+    pair's key.  Step "across" (keyed by a candidate pair): the two hashes'
+    entries against each other.  Entries of hashes without candidates are
+    shuffled once, in "within", and never forwarded.
+    """
+
+    def __init__(self, config: DedupConfig, step: str):
+        self._config, self._step = config, step
+        self._accepted = Metrics.counter(_NS, "verified_pairs")
+        self._rejected = Metrics.counter(_NS, "rejected_pairs")
+        self._nearest = Metrics.distribution(_NS, "rejected_verify_milli")
+
+    def _edges(self, group_a, group_b, search_a, search_b):
+        accepted, rejected = verified_edges(group_a, group_b, search_a, search_b, self._config,
+                                            self._config.max_bucket_comparisons, with_nodes=True)
+        self._accepted.inc(len(accepted))
+        self._rejected.inc(len(rejected))
+        for a, b, note in rejected:
+            self._nearest.update(int(note[2] * 1000))
+            yield beam.pvalue.TaggedOutput("rejected", rejected_pair(a, b, note))
+        for a, b, note in accepted:
+            yield a, b, pack_note(note)
+
+    def process(self, element):
+        key, grouped = element
+        if self._step == "within":
+            entries = list(grouped["entries"])
+            if not entries:
+                return
+            if len(entries) > 1:
+                yield from self._edges(entries, None, key, key)
+            for other in grouped["pairs"]:
+                yield beam.pvalue.TaggedOutput(
+                    "forward", ((min(key, other), max(key, other)), (key, entries)))
+        else:
+            sides = dict(grouped)
+            if len(sides) == 2:
+                (a, entries_a), (b, entries_b) = sorted(sides.items())
+                yield from self._edges(entries_a, entries_b, a, b)
+
+
 def _initial_state(element):
-    node, grouped = element
-    if grouped["adj"] and grouped["rank"]:
-        neighbours = sorted(set(v for vs in grouped["adj"] for v in vs))
-        yield node, ((grouped["rank"][0], node), neighbours, True)
+    node, edges = element
+    neighbours, notes = set(), []
+    for other, note in edges:
+        neighbours.add(other)
+        notes.append(note)
+    # The nearest pair by verification distance, then Hamming distance (the packed int's order).
+    yield node, (node, sorted(neighbours), True, min(notes))
 
 
 def _send(element):
-    node, (label, neighbours, changed) = element
-    yield node, (0, label, neighbours)
+    node, (label, neighbours, changed, note) = element
+    yield node, (0, label, neighbours, note)
     if changed:
         for other in neighbours:
-            yield other, (1, label, None)
+            yield other, (1, label, None, None)
 
 
 class _UpdateFn(beam.DoFn):
@@ -265,24 +462,16 @@ class _UpdateFn(beam.DoFn):
 
     def process(self, element):
         node, messages = element
-        own, neighbours, best = None, None, None
-        for kind, label, nbrs in messages:
+        own, neighbours, best, note = None, None, None, None
+        for kind, label, nbrs, nt in messages:
             if kind == 0:
-                own, neighbours = label, nbrs
+                own, neighbours, note = label, nbrs, nt
             if best is None or label < best:
                 best = label
         changed = best != own
         if changed:
             self._changed.inc()
-        yield node, (best, neighbours, changed)
-
-
-def _decide_near(element):
-    phash, grouped = element
-    if not grouped["member"]:
-        return
-    label = grouped["label"][0] if grouped["label"] else (min(grouped["rank"]), phash)
-    yield from near_decisions(phash, label, grouped["member"])
+        yield node, (best, neighbours, changed, note)
 
 
 def _join(element):
@@ -297,7 +486,7 @@ def _join(element):
 class ReadHistory(beam.PTransform):
     """Signatures of the ok rows of earlier ledgers (Parquet paths or globs)."""
 
-    COLUMNS = ["uid", "status", "phash", "image_sha256", "low_information"]
+    COLUMNS = ["uid", "status", "phash", "image_sha256", "low_information", "near_signature"]
 
     def __init__(self, patterns: List[str]):
         super().__init__()
@@ -317,9 +506,9 @@ class DedupDecisions(beam.PTransform):
     The core of the stage, on slim tuples only: Sig -> (uid, (status, duplicate_of, error)).
     """
 
-    def __init__(self, config: DedupConfig):
+    def __init__(self, config: DedupConfig, rejected_path: Optional[str] = None):
         super().__init__()
-        self._config = config
+        self._config, self._rejected_path = config, rejected_path
         bits = config.hash_size ** 2
         self._blocks = config.blocks or default_blocks(config.max_distance, bits)
         self._masks = key_masks(bits, self._blocks, config.max_distance) if config.near else None
@@ -333,7 +522,7 @@ class DedupDecisions(beam.PTransform):
             exact_decisions = exact.decisions
             sigs = exact.kept
         if config.near:
-            near = sigs | "Near" >> _NearDecisions(config, self._masks)
+            near = sigs | "Near" >> _NearDecisions(config, self._masks, self._rejected_path)
         if exact_decisions is not None and near is not None:
             # An exact group's best image may itself be a near duplicate: its copies
             # then point at the cluster's representative, the image that is kept.
@@ -348,36 +537,55 @@ class DedupDecisions(beam.PTransform):
 
 
 class _NearDecisions(beam.PTransform):
-    def __init__(self, config: DedupConfig, masks: np.ndarray):
+    """Signatures -> duplicate_near decisions: candidates, verification, clusters.
+
+    Nodes of the clustering are images (their ranks); the search hashes only
+    find candidates, and every candidate pair of images is verified on their
+    thumbnails before it becomes an edge.
+    """
+
+    def __init__(self, config: DedupConfig, masks: np.ndarray, rejected_path: Optional[str] = None):
         super().__init__()
-        self._config, self._masks = config, masks
+        self._config, self._masks, self._rejected_path = config, masks, rejected_path
 
     def expand(self, sigs):
         config = self._config
-        by_phash = (sigs
-                    | "Eligible" >> beam.Filter(lambda s: s[3] is not None and not s[4])
-                    | "KeyByPhash" >> beam.Map(lambda s: (s[3], s[1])))
-        members = by_phash | "LiveMembers" >> beam.Filter(lambda kv: kv[1][0] == 1)
-        # One node per distinct phash, ranked by its best member (combiner: hot hashes are cheap).
-        nodes = by_phash | "NodeRank" >> beam.CombinePerKey(min)
-        keyed = (nodes
-                 | "NodeHash" >> beam.Keys()
+        entries = sigs | "Entries" >> beam.FlatMap(near_entries_of)
+        keyed = (entries
+                 | "SearchHash" >> beam.Keys()
+                 | "DistinctHash" >> beam.Distinct()
                  | "BucketKeys" >> beam.ParDo(_KeyBatchFn(self._masks, config.partitions,
                                                           config.key_batch)))
-        edges = (metered_group(keyed, "GroupByPartition")
-                 | "VerifyPairs" >> beam.ParDo(_PairsFn(self._masks, config.max_distance,
-                                                        config.max_bucket_comparisons)))
+        candidates = (metered_group(keyed, "GroupByPartition")
+                      | "CandidatePairs" >> beam.ParDo(_PairsFn(self._masks, config.max_distance,
+                                                                config.max_bucket_comparisons)))
+        both_ways = candidates | "PairsBothWays" >> beam.FlatMap(lambda p: [(p[0], p[1]), (p[1], p[0])])
+        within = (metered_cogroup({"entries": entries, "pairs": both_ways}, "JoinEntries")
+                  | "VerifyWithin" >> beam.ParDo(_VerifyFn(config, "within")).with_outputs(
+                      "forward", "rejected", main="edges"))
+        across = (metered_group(within.forward, "GroupCandidatePairs")
+                  | "VerifyAcross" >> beam.ParDo(_VerifyFn(config, "across")).with_outputs(
+                      "rejected", main="edges"))
+        edges = (within.edges, across.edges) | "Edges" >> beam.Flatten()
+        if self._rejected_path:
+            from paircurate.transforms.write import write_json
+
+            _ = ((within.rejected, across.rejected)
+                 | "Rejected" >> beam.Flatten()
+                 | "NearestRejected" >> beam.combiners.Top.Smallest(NEAREST_REJECTED)
+                 | "WriteRejected" >> beam.Map(
+                     lambda pairs, path: write_json(path, [list(p) for p in pairs]),
+                     self._rejected_path))
         adjacency = metered_group(
-            edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], e[1]), (e[1], e[0])]), "Adjacency")
-        state = (metered_cogroup({"adj": adjacency, "rank": nodes}, "JoinRanks")
-                 | "InitLabels" >> beam.FlatMap(_initial_state))
+            edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))]),
+            "Adjacency")
+        state = adjacency | "InitLabels" >> beam.FlatMap(_initial_state)
         for round_ in range(config.cluster_rounds):
             counter = "unconverged_nodes" if round_ == config.cluster_rounds - 1 else "label_changes"
             state = (metered_group(state | f"Send{round_}" >> beam.FlatMap(_send), f"Gather{round_}")
                      | f"Update{round_}" >> beam.ParDo(_UpdateFn(counter)))
-        labels = state | "Labels" >> beam.MapTuple(lambda node, s: (node, s[0]))
-        return (metered_cogroup({"member": members, "rank": nodes, "label": labels}, "JoinLabels")
-                | "DecideNear" >> beam.FlatMap(_decide_near))
+        return state | "DecideNear" >> beam.FlatMapTuple(
+            lambda node, s: near_decision(node, s[0], s[3]))
 
 
 class HashImages(beam.PTransform):
@@ -402,14 +610,19 @@ class DeduplicateImages(beam.PTransform):
     """records -> records (same count): duplicate_exact / duplicate_near marked, signatures filled.
 
     ``history``: a PCollection of earlier ledger rows (dicts with uid, status,
-    phash, image_sha256, low_information); when None, ``config.history``
-    globs are read.  History rows with status ok always win and are never emitted.
+    phash, image_sha256, low_information, near_signature); when None,
+    ``config.history`` globs are read.  History rows with status ok always win
+    and are never emitted.  ``rejected_path``: where to write the
+    NEAREST_REJECTED candidate pairs that verification rejected, nearest first
+    (JSON lists: verification distance, Hamming distance, signal, uid, uid).
     """
 
-    def __init__(self, config: DedupConfig, history: Optional[beam.PCollection] = None):
+    def __init__(self, config: DedupConfig, history: Optional[beam.PCollection] = None,
+                 rejected_path: Optional[str] = None):
         super().__init__()
         self._config = config
         self._history = history
+        self._rejected_path = rejected_path
         if config.near and config.hash_size ** 2 > 64:
             raise ValueError("dedup.near needs hash_size <= 8 (hashes of at most 64 bits)")
 
@@ -429,7 +642,7 @@ class DeduplicateImages(beam.PTransform):
                             | "HistoryOk" >> beam.Filter(lambda r: r.get("status") == Status.OK.value)
                             | "HistorySignature" >> beam.Map(history_signature))
             sigs = (sigs, history_sigs) | "WithHistory" >> beam.Flatten()
-        decisions = sigs | "Decide" >> DedupDecisions(config)
+        decisions = sigs | "Decide" >> DedupDecisions(config, self._rejected_path)
         # Records cross this shuffle packed, and slim: image bytes are in staging by now
         # (paircurate.graph stages them right after hashing).
         keyed = live | "KeyByUid" >> beam.Map(lambda r: (r["uid"], pack_record(decided_only(r))))

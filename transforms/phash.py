@@ -16,8 +16,14 @@ Signatures
       coefficients (a linear ramp: only the first row and column), so the
       median is near zero and pHash's bits (coefficient > median) are decided
       by noise and JPEG artefacts: such hashes collide across unrelated
-      images.  They take part in exact dedup only.  The default threshold
-      (DedupConfig.min_information) comes from benchmarks/near_duplicate_quality.py.
+      images.  Below DedupConfig.smooth_below the near search uses
+      ``smooth_hash`` instead; below DedupConfig.min_information (truly flat)
+      images take part in exact dedup only.  Both thresholds come from
+      benchmarks/near_duplicate_quality.py --photographs.
+    * ``near_entries``: what the near search compares, a few dozen bytes per
+      entry: (flags, search hash, 44-byte thumbnail), in the image's canonical
+      orientation (flips).  Candidates come from the search hashes; every
+      candidate pair is then verified on the thumbnails (``verify_distance``).
 
 Candidate pairs (exact recall, no all-pairs)
     Two b-bit hashes within Hamming distance k, cut into m blocks, differ in at
@@ -135,13 +141,197 @@ class Signature:
     sha256: str
     phash: int
     information: float
+    #: near_entries(): the near-duplicate search's entries (b"" for a flat image).
+    near: bytes = b""
 
 
-def signature(data: ImageLike, hash_name: str = "phash", hash_size: int = 8) -> Signature:
-    """Decode once, compute all three signatures."""
+def signature(data: ImageLike, hash_name: str = "phash", hash_size: int = 8,
+              min_information: float = 0.0, smooth_below: float = 0.0,
+              flips: bool = False) -> Signature:
+    """Decode once, compute all signatures."""
     image = open_image(data)
-    return Signature(content_sha256(image), perceptual_hash(image, hash_name, hash_size),
-                     information(image))
+    info = information(image)
+    near = b"" if info < min_information else near_entries(
+        image, hash_name, hash_size, search_kinds(info, smooth_below), flips)
+    return Signature(content_sha256(image), perceptual_hash(image, hash_name, hash_size), info, near)
+
+
+def search_kinds(info: float, smooth_below: float) -> List[bool]:
+    """Which search hashes an image gets: [False] the pHash, [True] the smooth hash, or both.
+
+    Both within SMOOTH_BAND of smooth_below, so that a copy whose information
+    crosses the threshold (a contrast change, a re-encode) still meets its original.
+    """
+    kinds = []
+    if info >= smooth_below / SMOOTH_BAND:
+        kinds.append(False)
+    if info < smooth_below * SMOOTH_BAND:
+        kinds.append(True)
+    return kinds
+
+
+# --------------------------------------------------------------------------- verification
+
+#: Side of the luma thumbnail the verification compares; chroma is 2x2 (Cb, Cr).
+VERIFY_SIDE = 6
+#: One entry: flags (1 byte), search hash (8), luma VERIFY_SIDE^2 (36), chroma 2x2x2 (8).
+ENTRY_BYTES = 1 + 8 + VERIFY_SIDE ** 2 + 8
+#: Entry flags: the entry describes the mirrored image; its search hash is the smooth hash.
+MIRRORED, SMOOTH = 1, 2
+#: |horizontal balance| under which an image's orientation is ambiguous (both orientations are entries).
+FLIP_MARGIN = 0.2
+#: Images with information within this factor of dedup.smooth_below get both search hashes.
+SMOOTH_BAND = 1.5
+
+# Tolerances of verify_distance (each component is 1.0 at its tolerance).
+MIN_CORRELATION = 0.97     # luma structure (6x6, mean and spread removed)
+LEVEL_RATIO = 1.18         # mean luma (brightness +-12%, contrast)
+SPREAD_RATIO = 1.35        # luma standard deviation (contrast +-20%)
+CHROMA_TOLERANCE = 8.0     # RMS difference of the 2x2 Cb/Cr grid, in levels, after scaling
+CHROMA_SCALE = 1.4         # chroma scale allowed (brightness and contrast scale it)
+FLAT_SPREAD = 2.0          # luma spread under which the structure is noise: levels must agree
+GREY = 3.0                 # chroma RMS under which an image counts as greyscale
+GREY_LUMA_RATIO = 1.05     # greyscale vs colour: luma level and spread within 5%
+GREY_MIN_CORRELATION = 0.99  # and luma structure correlated at least this well
+
+
+def _grey32(image) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.LANCZOS),
+                      dtype=np.float64)
+
+
+def _projections() -> np.ndarray:
+    """64 fixed +-1 projections of the 63 AC coefficients (from blake2b: the same everywhere)."""
+    raw = hashlib.blake2b(b"paircurate smooth hash", digest_size=64).digest()
+    stream = b"".join(hashlib.blake2b(raw + bytes([i]), digest_size=64).digest() for i in range(16))
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:63 * 64]
+    return np.where(bits.reshape(63, 64), 1.0, -1.0)
+
+
+_PROJECTIONS = None
+
+
+def smooth_hash(grey32: np.ndarray) -> int:
+    """64-bit SimHash of the 63 lowest AC DCT coefficients of the 32x32 grey thumbnail.
+
+    pHash sets bit i when coefficient i is above the median: for a smooth
+    image most coefficients are near zero, so those bits follow JPEG noise.
+    Each SimHash bit is the sign of a fixed +-1 mix of all 63 coefficients,
+    dominated by the few strong ones, so it holds for re-encodes of a sky;
+    and a sign is unchanged by brightness and contrast (the DC term is left out).
+    """
+    global _PROJECTIONS
+    from scipy.fft import dctn
+
+    if _PROJECTIONS is None:
+        _PROJECTIONS = _projections()
+    ac = dctn(grey32, norm="ortho")[:8, :8].flatten()[1:]
+    bits = (ac @ _PROJECTIONS) > 0
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def horizontal_balance(grey32: np.ndarray) -> float:
+    """The first horizontal DCT coefficient over the AC RMS: its sign says which side is brighter."""
+    from scipy.fft import dctn
+
+    low = dctn(grey32, norm="ortho")[:8, :8].flatten()
+    rms = float(np.sqrt(np.mean(low[1:] ** 2)))
+    return float(low[1] / rms) if rms > 1e-9 else 0.0
+
+
+def thumbnail(image) -> bytes:
+    """VERIFY_SIDE^2 luma bytes, then 2x2 Cb and Cr as bytes (128 = no colour): 44 bytes."""
+    from PIL import Image
+
+    ycc = image.convert("RGB").convert("YCbCr")
+    luma = ycc.getchannel(0).resize((VERIFY_SIDE, VERIFY_SIDE), Image.Resampling.BOX)
+    chroma = ycc.resize((2, 2), Image.Resampling.BOX)
+    return (bytes(luma.getdata()) + bytes(chroma.getchannel(1).getdata())
+            + bytes(chroma.getchannel(2).getdata()))
+
+
+def near_entries(data: ImageLike, hash_name: str = "phash", hash_size: int = 8,
+                 kinds: Sequence[bool] = (False,), flips: bool = True) -> bytes:
+    """The image's entries for the near-duplicate search, ENTRY_BYTES each.
+
+    An entry is (flags, search hash, thumbnail).  The search hash is the
+    perceptual hash (kind False), or smooth_hash() (kind True; images under
+    dedup.smooth_below, see search_kinds).
+    With flips the image is first put in its canonical orientation (the
+    brighter side left; horizontal_balance), so a mirrored copy has the same
+    entry as its original; an image whose balance is within FLIP_MARGIN of
+    zero gets an entry for each orientation, so a copy whose balance crosses
+    zero still meets it.
+    """
+    from PIL import ImageOps
+
+    image = open_image(data)
+    grey = _grey32(image)
+    balance = horizontal_balance(grey) if flips else 1.0
+    orientations = [balance < 0] if abs(balance) >= FLIP_MARGIN else [False, True]
+    entries = []
+    for mirrored in orientations:
+        oriented = ImageOps.mirror(image) if mirrored else image
+        thumb = thumbnail(oriented)
+        for smooth in kinds:
+            if smooth:
+                search = smooth_hash(grey[:, ::-1] if mirrored else grey)
+            else:
+                search = perceptual_hash(oriented, hash_name, hash_size)
+            flags = (MIRRORED if mirrored else 0) | (SMOOTH if smooth else 0)
+            entries.append(bytes([flags]) + search.to_bytes(8, "big") + thumb)
+    return b"".join(entries)
+
+
+def split_entries(near: bytes) -> List[Tuple[int, int, bytes]]:
+    """(flags, search hash, thumbnail) of each entry."""
+    return [(near[i], int.from_bytes(near[i + 1:i + 9], "big"), near[i + 9:i + ENTRY_BYTES])
+            for i in range(0, len(near) - ENTRY_BYTES + 1, ENTRY_BYTES)]
+
+
+def verify_distance(a: bytes, b: bytes) -> float:
+    """How far apart two thumbnails are, in units of the tolerances: <= 1.0 is a near duplicate.
+
+    The largest of: luma structure (1 - correlation of the 6x6 luma with mean
+    and spread removed, so brightness and contrast changes pass), luma level
+    and spread ratios, and the 2x2 chroma difference.  A greyscale image
+    matches a coloured one only when both have clear luma structure (a
+    greyscale copy of a photograph); a flat grey sky does not match an orange one.
+    """
+    if a > b:  # the chroma fit scales one side: a fixed order keeps the distance symmetric
+        a, b = b, a
+    n = VERIFY_SIDE ** 2
+    ya = np.frombuffer(a[:n], dtype=np.uint8).astype(np.float64)
+    yb = np.frombuffer(b[:n], dtype=np.uint8).astype(np.float64)
+    ca = np.frombuffer(a[n:], dtype=np.uint8).astype(np.float64) - 128
+    cb = np.frombuffer(b[n:], dtype=np.uint8).astype(np.float64) - 128
+    sa, sb = ya.std(), yb.std()
+    level = abs(math.log((ya.mean() + 8) / (yb.mean() + 8))) / math.log(LEVEL_RATIO)
+    spread = abs(math.log((sa + FLAT_SPREAD) / (sb + FLAT_SPREAD))) / math.log(SPREAD_RATIO)
+    if min(sa, sb) >= FLAT_SPREAD:
+        correlation = float(np.dot(ya - ya.mean(), yb - yb.mean()) / (len(ya) * sa * sb))
+        structure = (1 - correlation) / (1 - MIN_CORRELATION)
+    else:  # nearly flat: no structure to correlate, the pixels themselves must agree
+        structure = float(np.sqrt(np.mean((ya - ya.mean() - (yb - yb.mean())) ** 2))) / FLAT_SPREAD
+    ga, gb = float(np.sqrt(np.mean(ca ** 2))), float(np.sqrt(np.mean(cb ** 2)))
+    if ga < GREY and gb < GREY:
+        colour = 0.0
+    elif min(ga, gb) < GREY and min(sa, sb) < FLAT_SPREAD:
+        colour = max(ga, gb) / CHROMA_TOLERANCE  # flat grey vs flat colour: the colour decides
+    elif min(ga, gb) < GREY:
+        # A greyscale copy keeps its original's luma: allowed when the luma agrees closely.
+        luma = max(level * math.log(LEVEL_RATIO) / math.log(GREY_LUMA_RATIO),
+                   spread * math.log(SPREAD_RATIO) / math.log(GREY_LUMA_RATIO),
+                   structure * (1 - MIN_CORRELATION) / (1 - GREY_MIN_CORRELATION))
+        colour = luma
+    else:
+        # Chroma scales with brightness and contrast: compare after the best scale (within bounds).
+        scale = min(max(float(np.dot(ca, cb) / max(np.dot(ca, ca), 1e-9)), 1 / CHROMA_SCALE),
+                    CHROMA_SCALE)
+        colour = float(np.sqrt(np.mean((scale * ca - cb) ** 2))) / CHROMA_TOLERANCE
+    return max(level, spread, structure, colour)
 
 
 # --------------------------------------------------------------------------- representatives

@@ -41,8 +41,8 @@ INDEX_SUFFIX = ".idx.jsonl"
 DECIDED_FIELDS = ("uid", "status", "error", "duplicate_of", "clip_score", "key", "shard", "image_ref")
 #: What a staged record keeps: the decided fields, and the dedup signature (read right after
 #: staging; dedup_slim drops it again before records cross dedup's join).
-SLIM_FIELDS = DECIDED_FIELDS + ("image_sha256", "phash", "low_information", "original_width",
-                                "original_height")
+SLIM_FIELDS = DECIDED_FIELDS + ("image_sha256", "phash", "low_information", "near_signature",
+                                "original_width", "original_height")
 #: Fields never staged: bytes, and the reference itself.
 _NOT_STAGED = ("image", "raw", "image_ref")
 
@@ -96,7 +96,8 @@ def fingerprint(config) -> str:
     import dataclasses
 
     shaping = {"image": dataclasses.asdict(config.image),
-               "hash": [config.dedup.hash, config.dedup.hash_size, config.dedup.min_information]}
+               "hash": [config.dedup.hash, config.dedup.hash_size, config.dedup.min_information,
+                        config.dedup.smooth_below, config.dedup.flips]}
     shaping["image"].pop("threads", None)  # how many threads resize does not change the bytes
     text = json.dumps(shaping, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()

@@ -223,6 +223,8 @@ def counter_total(result, name: str, namespace: Optional[str] = None) -> Optiona
         counters = result.metrics().query(query)["counters"]
     except Exception:  # some runners report no metrics
         return None
+    if not counters:  # the runner reported no such counter (Spark's job server may not): unknown, not 0
+        return None
     return int(sum(c.committed or c.attempted or 0 for c in counters))
 
 

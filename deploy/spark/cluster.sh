@@ -60,7 +60,13 @@ fetch() {
   log "fetch done in $((SECONDS - t0)) s"
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct free loopback ports (all bound at once, so no two picks can coincide).
+free_ports() {
+  python3 -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
 
 # start_bg NAME CMD...: run CMD in its own process group, log to $state/logs/NAME.log.
 start_bg() {
@@ -98,8 +104,7 @@ start() {
   trap '[ "$started" = 1 ] || { log "start failed; stopping what was started (logs in $state/logs)"; stop; }' EXIT
   local t0=$SECONDS
   local master_port master_ui worker_ui pool_port job_port artifact_port expansion_port
-  master_port=$(free_port); master_ui=$(free_port); worker_ui=$(free_port); pool_port=$(free_port)
-  job_port=$(free_port); artifact_port=$(free_port); expansion_port=$(free_port)
+  read -r master_port master_ui worker_ui pool_port job_port artifact_port expansion_port < <(free_ports 7)
   local master="spark://127.0.0.1:$master_port"
 
   start_bg master "$spark_home/bin/spark-class" org.apache.spark.deploy.master.Master \

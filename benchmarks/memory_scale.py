@@ -73,7 +73,7 @@ def serve(port_queue, stop_event) -> None:
     from paircurate.imageserver import ImageServer
 
     with ImageServer() as server:
-        server._server.routes = GeneratedRoutes()  # type: ignore[attr-defined] - made on request
+        server.use_routes(GeneratedRoutes())  # images made on request
         port_queue.put(server.host_port)
         stop_event.wait()
 

@@ -44,6 +44,12 @@ class ImageServer:
         self._server.routes = self.routes  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    def use_routes(self, table: Dict[str, Route]) -> None:
+        """Serve from ``table`` from now on: any mapping whose get(path) gives a Route, such as
+        one that counts, delays or makes its answers (tests, benchmarks)."""
+        self.routes = table
+        self._server.routes = table  # type: ignore[attr-defined]
+
     @property
     def host_port(self) -> str:
         host, port = self._server.server_address[:2]

@@ -36,6 +36,16 @@ def serve_images(image_server):
     return make
 
 
+def generated_rows(server, n, prefix, seed):
+    """(routes, rows) for n generated images under /PREFIX/i.jpg: a route table to serve, and input rows."""
+    routes, rows = {}, []
+    for i in range(n):
+        image, caption = synthetic_image(seed + i)
+        routes[f"/{prefix}/{i}.jpg"] = Route(encode(image))
+        rows.append({"url": server.url(f"/{prefix}/{i}.jpg"), "caption": caption})
+    return routes, rows
+
+
 def write_parquet(path, rows, row_group_size=None):
     """Write rows (list of dicts) as a Parquet input list."""
     table = pa.Table.from_pylist(rows)

@@ -12,10 +12,9 @@ import time
 
 import pytest
 
+from conftest import generated_rows
 from paircurate import progress
 from paircurate.config import load_config
-from paircurate.demo import encode, synthetic_image
-from paircurate.imageserver import Route
 from paircurate.progress import (Reporter, format_line, input_size, read_workers, status_lines, tally, thin,
                                  throughput_series, view)
 from paircurate.run import run_pipeline
@@ -170,13 +169,9 @@ N_ROWS, FREE = 40, 24
 
 
 def stalled_run(tmp_path, image_server, parquet_input, *extra):
-    routes, rows = {}, []
-    for i in range(N_ROWS):
-        image, caption = synthetic_image(52000 + i)
-        routes[f"/s/{i}.jpg"] = Route(encode(image))
-        rows.append({"url": image_server.url(f"/s/{i}.jpg"), "caption": caption})
+    routes, rows = generated_rows(image_server, N_ROWS, "s", 52000)
     stalling = StallingRoutes(routes, FREE)
-    image_server._server.routes = stalling  # the handler reads the server's table
+    image_server.use_routes(stalling)
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "paircurate.cli", "run", "--input", parquet_input(rows, row_group_size=10),
                "--output", out, *extra]

@@ -10,9 +10,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import generated_rows
 from paircurate.config import load_config
-from paircurate.demo import encode, synthetic_image
-from paircurate.imageserver import Route
 from paircurate.run import run_pipeline
 from paircurate.schema import new_record
 from paircurate.transforms.staging import (DECIDED_FIELDS, SLIM_FIELDS, SegmentWriter, StagedReader,
@@ -101,13 +100,9 @@ class CountingRoutes(dict):
 
 
 def serve_counted(server, n, delay):
-    rows, routes = [], {}
-    for i in range(n):
-        image, caption = synthetic_image(31000 + i)
-        routes[f"/r/{i}.jpg"] = Route(encode(image))
-        rows.append({"url": server.url(f"/r/{i}.jpg"), "caption": caption})
+    routes, rows = generated_rows(server, n, "r", 31000)
     counting = CountingRoutes(routes, delay)
-    server._server.routes = counting  # the handler reads the server's table
+    server.use_routes(counting)
     return rows, counting
 
 

@@ -106,7 +106,7 @@ def write_shards(folder: str, n: int, per_shard: int = 1000, threads: int = 0,
 
 
 def read_pairs(paths: Sequence[str]) -> Tuple[List[bytes], List[str]]:
-    from paircurate.transforms.write import iter_samples
+    from paircurate.transforms.files import iter_samples
 
     images, captions = [], []
     for path in paths:
@@ -249,7 +249,7 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
     """
     import apache_beam as beam
 
-    from paircurate.beam_util import make_pipeline
+    from paircurate.transforms.beam_util import make_pipeline
     from paircurate.score import _ReadShard
     from paircurate.transforms.clip import ScoreAndFilter
 
@@ -287,7 +287,7 @@ def torch_float():
 
 
 def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
-    from paircurate.config import ClipConfig
+    from paircurate.transforms.clip_model import ClipConfig
     from paircurate.transforms.clip_model import find_model_config, ClipModelError
 
     try:

@@ -24,8 +24,8 @@ import time
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from paircurate.beam_util import make_pipeline
-from paircurate.config import DedupConfig
+from paircurate.transforms.beam_util import make_pipeline
+from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.dedup import DeduplicateImages
 from paircurate.transforms.phash import default_blocks, hash_hex, keys_per_hash
 

@@ -459,7 +459,7 @@ def photo_transformed(data: bytes, name: str, rng: random.Random) -> bytes:
 
 def _photo_job(args) -> List[Tuple[int, str, Dict]]:
     """Hashed records (the pipeline's hash_record) of one base and its copies, for each rule."""
-    from paircurate.schema import new_record
+    from paircurate.transforms.schema import new_record
     from paircurate.transforms.dedup import hash_record
 
     base_id, data, seed, configs = args
@@ -481,7 +481,7 @@ def _photo_job(args) -> List[Tuple[int, str, Dict]]:
 
 def photo_rules():
     """The rules compared: the old one (exact-only below information 4.0, no verification) and the default."""
-    from paircurate.config import DedupConfig
+    from paircurate.transforms.dedup import DedupConfig
 
     old = DedupConfig()
     for name, value in OLD_RULE.items():

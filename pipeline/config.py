@@ -1,5 +1,8 @@
 """One typed configuration, loaded from YAML and overridable with ``--set``.
 
+Each stage's section (a dataclass with its allowed values and checks) lives beside the stage in
+paircurate.transforms; Config composes them, and the runner's section, into one.
+
 Unknown sections or keys are errors that list the valid ones; values are
 checked against the declared types, so a typo fails at start-up, not after an
 hour of downloading.
@@ -15,162 +18,27 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
+from paircurate.transforms.clip_model import ClipConfig
+from paircurate.transforms.dedup import DedupConfig
+from paircurate.transforms.fetch import FetchConfig
+from paircurate.transforms.read import InputConfig
+from paircurate.transforms.resize import ImageConfig
+from paircurate.transforms.settings import NON_NEGATIVE, Bounds, ConfigError, check_values, setting
+from paircurate.transforms.validate import FilterConfig
+from paircurate.transforms.write import OutputConfig
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 #: configs/ ships inside the package (see pyproject) and lies beside it in a checkout.
 CONFIG_DIRS = [os.path.join(PACKAGE_DIR, "configs"),
                os.path.join(os.path.dirname(PACKAGE_DIR), "configs")]
 
 
-class ConfigError(ValueError):
-    """A configuration the user wrote is wrong; the message says how."""
-
-
-@dataclass
-class InputConfig:
-    url_col: str = "url"
-    caption_col: str = "caption"
-    # auto | parquet | csv | tsv | jsonl | txt (auto: from the file name)
-    format: str = "auto"
-    # Text inputs (txt, tsv, jsonl) are split into byte ranges of this size so
-    # that several workers read one large file.
-    split_bytes: int = 64 * 1024 * 1024
-
-
-@dataclass
-class FilterConfig:
-    # LAION drops captions under 5 characters.
-    min_caption_length: int = 5
-    max_caption_length: int = 10000
-    # Exact URL+caption dedup of the input list (duplicate_input).
-    dedup_input: bool = True
-
-
-@dataclass
-class FetchConfig:
-    threads: int = 64
-    connect_timeout: float = 10.0
-    # Limit for the whole response (headers and body), not per read.
-    timeout: float = 30.0
-    # Limit for everything one URL may take: every attempt, redirect hop, backoff and
-    # Retry-After wait (None: 3 x timeout).  Past it the row is fetch_failed "timeout: deadline".
-    url_deadline: Optional[float] = None
-    retries: int = 2
-    backoff_base: float = 0.5
-    backoff_max: float = 8.0
-    retry_after_max: float = 30.0
-    # Retry timeouts too?  Off: a retried timeout costs another whole timeout.
-    retry_timeouts: bool = False
-    max_bytes: int = 20 * 1024 * 1024
-    max_redirects: int = 5
-    per_host_concurrency: int = 16
-    user_agent: str = "paircurate/0.1 (+https://github.com/paircurate/paircurate)"
-    user_agent_token: str = "paircurate"
-    # X-Robots-Tag directives that mark an image as opted out (img2dataset's defaults).
-    disallowed_header_directives: List[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
-    # SSRF protection: refuse private, loopback, link-local, ... addresses.
-    block_private_addresses: bool = True
-    # host:port pairs exempt from the address check (tests and the demo serve on loopback).
-    allowed_hosts: List[str] = field(default_factory=list)
-
-
-@dataclass
-class ImageConfig:
-    image_size: int = 256
-    # img2dataset resize modes: no | keep_ratio | keep_ratio_largest | center_crop | border
-    resize_mode: str = "border"
-    resize_only_if_bigger: bool = False
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float = math.inf
-    # Images with more pixels than this are refused before decoding (decompression bombs).
-    max_image_pixels: int = 100_000_000
-    # Decode/resize threads per worker (0: one per CPU core).
-    threads: int = 0
-
-
-@dataclass
-class DedupConfig:
-    enabled: bool = True
-    exact: bool = True
-    near: bool = True
-    # imagehash function: phash | dhash | ahash | whash
-    hash: str = "phash"
-    hash_size: int = 8
-    max_distance: int = 6
-    # Images whose information measure is below this (truly flat) take part in exact dedup only.
-    min_information: float = 0.75
-    # Below this information the near search hashes with phash.smooth_hash, not the pHash.
-    smooth_below: float = 4.0
-    # Mirrored copies are near duplicates (canonical orientation; see phash.near_entries).
-    flips: bool = True
-    # Verify every candidate pair on the images' thumbnails (phash.verify_distance) and keep
-    # it only at verify_max_distance or less (1.0: the measured tolerances).
-    verify: bool = True
-    verify_max_distance: float = 1.0
-    # Ledgers of earlier runs (paths or globs); their ok samples always win.
-    history: List[str] = field(default_factory=list)
-    # Upper bound on pairwise comparisons inside one candidate bucket; a bucket
-    # over it is compared in a window (see transforms/phash.py; metric dedup/bucket_overflows).
-    max_bucket_comparisons: int = 200_000
-    # Pigeonhole blocks m per hash for candidate keys (0: max_distance + 3, i.e. keys of
-    # three blocks; see transforms/phash.py for the sizing at a billion images).
-    blocks: int = 0
-    # Shuffle partitions the candidate buckets are spread over (batches of buckets, so
-    # the shuffle carries numpy arrays, not one element per key).  Per partition in
-    # memory: items * keys / partitions entries of 9 bytes; raise it beyond ~1e9 items.
-    partitions: int = 4096
-    # Distinct hashes per worker batch when the bucket keys are computed.
-    key_batch: int = 65536
-    # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
-    # up to this are exact (metric dedup/unconverged_nodes counts the rest).
-    cluster_rounds: int = 8
-
-
-@dataclass
-class ClipConfig:
-    enabled: bool = True
-    model: str = "ViT-B-32"
-    pretrained: str = "laion2b_s34b_b79k"
-    # JSON model config for custom architectures (a path, or a file name in configs/models).
-    model_config: Optional[str] = None
-    # auto | cpu | cuda | cuda:N
-    device: str = "auto"
-    # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
-    precision: str = "auto"
-    batch_size: int = 256
-    min_score: Optional[float] = None
-    keep_fraction: Optional[float] = None
-    save_embeddings: bool = False
-    # Threads that decode and resize images for the model (0: one per CPU core).
-    preprocess_threads: int = 0
-    # exact: open_clip's own PIL transform (scores match open_clip within 1e-4) |
-    # fast: JPEG draft decoding and a batched resize on the model's device (measured
-    # score difference at most 0.01; README "CLIP scoring and filtering").
-    preprocess: str = "fast"
-    # Where open_clip / Hugging Face weights are looked up (None: their default caches).
-    cache_dir: Optional[str] = None
-    # Serve one model per machine to all worker processes (Beam multi_process_shared).
-    share_model_across_processes: bool = False
-
-
-@dataclass
-class OutputConfig:
-    samples_per_shard: int = 10000
-    report: bool = True
-    # Staging segments (image bytes kept where they were made, see transforms/staging.py):
-    # a segment is closed, and so becomes resumable, after this many images or bytes.
-    staging_segment_records: int = 1000
-    staging_segment_bytes: int = 64 * 1024 * 1024
-
-
 @dataclass
 class RunnerConfig:
     runner: str = "DirectRunner"
     # DirectRunner only: in_memory | multi_threading | multi_processing
-    direct_running_mode: str = "in_memory"
-    direct_num_workers: int = 1
+    direct_running_mode: str = setting("in_memory", choices=("in_memory", "multi_threading", "multi_processing"))
+    direct_num_workers: int = setting(1, NON_NEGATIVE)  # 0: one per CPU core (Beam)
     # Beam pipeline options for the runner, as key: value (lists repeat the flag),
     # e.g. project, region, temp_location, sdk_container_image, experiments.
     options: Dict[str, Any] = field(default_factory=dict)
@@ -298,127 +166,24 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return config
 
 
-@dataclass(frozen=True)
-class Bounds:
-    """The allowed values of one numeric key: ``low <= value <= high`` (``low < value`` when
-    ``low_open``); infinity only where ``allow_inf`` (NaN never)."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False
-    allow_inf: bool = False
-
-    def allows(self, value: float) -> bool:
-        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or value <= self.high
-
-    def describe(self) -> str:
-        low = None if self.low is None else f"{'greater than' if self.low_open else 'at least'} {self.low:g}"
-        high = None if self.high is None else f"at most {self.high:g}"
-        text = " and ".join(t for t in (low, high) if t) or "a number"
-        return text + (" (inf allowed)" if self.allow_inf else "")
-
-
-POSITIVE = Bounds(0, low_open=True)   # seconds, sizes: 0 makes no sense
-NON_NEGATIVE = Bounds(0)
-AT_LEAST_ONE = Bounds(1)
-
-#: Every numeric key and its allowed values (tests check that none is missing).  An unset
-#: Optional key (None) is not checked.
-RANGES: Dict[str, Bounds] = {
-    "input.split_bytes": AT_LEAST_ONE,
-    "filter.min_caption_length": NON_NEGATIVE,
-    "filter.max_caption_length": AT_LEAST_ONE,
-    "fetch.threads": AT_LEAST_ONE,
-    "fetch.connect_timeout": POSITIVE,
-    "fetch.timeout": POSITIVE,
-    "fetch.url_deadline": POSITIVE,
-    "fetch.retries": NON_NEGATIVE,
-    "fetch.backoff_base": NON_NEGATIVE,
-    "fetch.backoff_max": NON_NEGATIVE,
-    "fetch.retry_after_max": NON_NEGATIVE,
-    "fetch.max_bytes": AT_LEAST_ONE,
-    "fetch.max_redirects": NON_NEGATIVE,
-    "fetch.per_host_concurrency": AT_LEAST_ONE,
-    "image.image_size": Bounds(1, 65535),          # JPEG's largest side
-    "image.encode_quality": Bounds(0, 100),        # PNG: 0-9, checked below
-    "image.min_image_size": NON_NEGATIVE,
-    "image.max_aspect_ratio": Bounds(1, allow_inf=True),  # larger side / smaller side
-    "image.max_image_pixels": AT_LEAST_ONE,
-    "image.threads": NON_NEGATIVE,                 # 0: one per CPU core
-    "dedup.hash_size": Bounds(2, 32),              # imagehash needs 2+; near search 8 at most
-    "dedup.max_distance": NON_NEGATIVE,            # at most the hash's bits, checked below
-    "dedup.min_information": Bounds(0),
-    "dedup.smooth_below": Bounds(0),
-    "dedup.verify_max_distance": Bounds(0),
-    "dedup.max_bucket_comparisons": AT_LEAST_ONE,
-    "dedup.blocks": NON_NEGATIVE,                  # 0: automatic; else above max_distance
-    "dedup.partitions": AT_LEAST_ONE,
-    "dedup.key_batch": AT_LEAST_ONE,
-    "dedup.cluster_rounds": AT_LEAST_ONE,
-    "clip.batch_size": AT_LEAST_ONE,
-    "clip.min_score": Bounds(-1, 1),               # a cosine similarity
-    "clip.keep_fraction": Bounds(0, 1, low_open=True),
-    "clip.preprocess_threads": NON_NEGATIVE,       # 0: one per CPU core
-    "output.samples_per_shard": AT_LEAST_ONE,
-    "output.staging_segment_records": AT_LEAST_ONE,
-    "output.staging_segment_bytes": AT_LEAST_ONE,
-    "runner.direct_num_workers": NON_NEGATIVE,     # 0: one per CPU core (Beam)
-}
-
-#: Every key with a fixed set of values.
-CHOICES: Dict[str, Sequence[str]] = {
-    "input.format": ("auto", "parquet", "csv", "tsv", "jsonl", "txt"),
-    "image.resize_mode": ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"),
-    "image.encode_format": ("jpg", "png", "webp"),
-    "dedup.hash": ("phash", "dhash", "ahash", "whash"),
-    "clip.precision": ("auto", "fp32", "fp16", "bf16"),
-    "runner.direct_running_mode": ("in_memory", "multi_threading", "multi_processing"),
-}
-
-
-def _value(config: Config, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(config, section), name)
-
-
-def check_ranges(config: Config) -> None:
-    """Refuse a numeric value outside its declared range or a value outside its choices."""
-    for key, bounds in RANGES.items():
-        value = _value(config, key)
-        if value is not None and not bounds.allows(value):
-            finite = "" if math.isfinite(value) else ", a finite number"
-            raise ConfigError(f"{key}={value!r} is out of range: must be {bounds.describe()}{finite}")
-    for key, choices in CHOICES.items():
-        value = _value(config, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r}: must be one of " + ", ".join(choices))
-    device = config.clip.device
-    if not (device in ("auto", "cpu", "cuda")
-            or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"clip.device={device!r}: must be auto, cpu, cuda or cuda:N")
+#: Every numeric key and its allowed values, and every key with a fixed set of values, as the
+#: sections declare them beside their fields (paircurate.transforms.settings.setting).
+RANGES: Dict[str, Bounds] = {}
+CHOICES: Dict[str, Sequence[str]] = {}
+for _section in dataclasses.fields(Config):
+    for _item in dataclasses.fields(_section.default_factory):
+        if "bounds" in _item.metadata:
+            RANGES[f"{_section.name}.{_item.name}"] = _item.metadata["bounds"]
+        if "choices" in _item.metadata:
+            CHOICES[f"{_section.name}.{_item.name}"] = _item.metadata["choices"]
 
 
 def validate(config: Config) -> None:
-    """Ranges and choices of single keys, then the checks that involve several keys."""
-    check_ranges(config)
-    if config.filter.min_caption_length > config.filter.max_caption_length:
-        raise ConfigError("filter.min_caption_length must not exceed filter.max_caption_length")
-    if config.image.encode_format == "png" and not 0 <= config.image.encode_quality <= 9:
-        raise ConfigError("with image.encode_format png, image.encode_quality is the PNG "
-                          "compression level and must be 0-9")
-    clip = config.clip
-    if clip.min_score is not None and clip.keep_fraction is not None:
-        raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
-    dedup = config.dedup
-    if dedup.near and dedup.hash_size > 8:
-        raise ConfigError("dedup.hash_size must be at most 8 (64-bit hashes) for near-duplicate search")
-    bits = dedup.hash_size ** 2
-    if not 0 <= dedup.max_distance <= bits:
-        raise ConfigError(f"dedup.max_distance must be between 0 and the hash's bit count ({bits})")
-    if dedup.blocks and not dedup.max_distance < dedup.blocks <= bits:
-        raise ConfigError(f"dedup.blocks must be 0 (automatic) or above dedup.max_distance "
-                          f"({dedup.max_distance}) and at most the hash's bit count ({bits})")
+    """Ranges and choices of single keys, then each section's checks that involve several keys."""
+    sections = [(item.name, getattr(config, item.name)) for item in dataclasses.fields(config)]
+    for name, section in sections:
+        check_values(name, section)
+    for _, section in sections:
+        check = getattr(section, "check", None)
+        if check is not None:
+            check()

@@ -16,19 +16,18 @@ The functions that turn counts into figures and lines are pure (``view``,
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import json
-import os
 import socket
 import sys
 import threading
 import time
-import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple
 
-#: Seconds between rewrites of a worker's progress file (only when its counts changed).
-FLUSH_SECONDS = 3.0
+# Workers' tallies live in the lower layer; re-exported for the launcher and the tests.
+from paircurate.transforms.tally import (FLUSH_SECONDS, PASSED, RESUMED, WORKER_PREFIX, Tally,  # noqa: F401
+                                          close_tallies, tally, write_file)
+
 #: Seconds between the launcher's reads of the progress files (local runs; remote runs, on object stores).
 POLL_SECONDS, REMOTE_POLL_SECONDS = 2.0, 10.0
 #: Seconds between two plain progress lines when the display is not a terminal.
@@ -40,52 +39,10 @@ WINDOW_SECONDS = 60.0
 #: The most points a timeline keeps; beyond it, every other point is dropped.
 TIMELINE_POINTS = 720
 
-WORKER_PREFIX = "worker-"
 PLAN_FILE = "plan.json"
 TIMELINE_FILE = "timeline.json"
 
-#: Counts a stage keeps for records it does not work on (already decided, or resumed).
-PASSED, RESUMED = "passed", "resumed"
-
-
 # --------------------------------------------------------------------------- files
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def write_file(path: str, value: Any, create_folder: bool = False) -> bool:
-    """Write JSON complete-then-rename; False (nothing written) when a local folder is gone.
-
-    Workers never create the folder (``create_folder`` is the launcher's): a
-    worker that flushes after finalisation deleted ``_work`` must not bring it back.
-    """
-    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    if not _is_remote(path):
-        folder = os.path.dirname(path)
-        if create_folder:
-            os.makedirs(folder, exist_ok=True)
-        temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-            os.replace(temp, path)
-        except FileNotFoundError:
-            return False
-        return True
-    from apache_beam.io.filesystems import FileSystems
-
-    temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    handle = FileSystems.create(temp)
-    try:
-        handle.write(data)
-    finally:
-        handle.close()
-    if FileSystems.exists(path):  # object stores: no rename over an existing object
-        FileSystems.delete([path])
-    FileSystems.rename([temp], [path])
-    return True
-
 
 def read_file(path: str) -> Optional[Any]:
     """A JSON file's value; None when it is missing or cannot be parsed (being replaced, damaged)."""
@@ -122,76 +79,6 @@ def read_workers(folder: str) -> Tuple[Dict[str, int], int, Optional[float]]:
     counts = sum_counts(d.get("counts") or {} for d in docs)
     updated = max((float(d.get("updated") or 0) for d in docs), default=None)
     return counts, len(docs), updated
-
-
-# --------------------------------------------------------------------------- worker tallies
-
-class Tally:
-    """One process's counts for one run, written to its own file on a timer (never per record)."""
-
-    def __init__(self, folder: str, flush_seconds: float = FLUSH_SECONDS):
-        self.folder = folder
-        self.path = f"{folder.rstrip('/')}/{WORKER_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
-        self.counts: Dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._flush_seconds = flush_seconds
-        self._changed = False
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="paircurate-progress", daemon=True)
-        self._thread.start()
-
-    def add(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + n
-            self._changed = True
-
-    def flush(self) -> None:
-        with self._lock:
-            if not self._changed:
-                return
-            counts, self._changed = dict(self.counts), False
-        try:
-            write_file(self.path, {"counts": counts, "updated": time.time(), "pid": os.getpid(),
-                                   "host": socket.gethostname()})
-        except Exception:  # noqa: BLE001 - progress must never fail a run
-            pass
-
-    def _loop(self) -> None:
-        while not self._stopped.wait(self._flush_seconds):
-            self.flush()
-
-    def close(self) -> None:
-        self._stopped.set()
-        self.flush()
-
-
-_TALLIES: Dict[str, Tally] = {}
-_TALLIES_LOCK = threading.Lock()
-
-
-def tally(folder: Optional[str]) -> Optional[Tally]:
-    """This process's tally for the run whose progress folder is ``folder`` (None: not counted)."""
-    if not folder:
-        return None
-    found = _TALLIES.get(folder)
-    if found is None:
-        with _TALLIES_LOCK:
-            found = _TALLIES.get(folder)
-            if found is None:
-                found = _TALLIES[folder] = Tally(folder)
-    return found
-
-
-def close_tallies(folder: Optional[str] = None) -> None:
-    """Flush and stop this process's tallies (one run's, or all): the end of a run, or of the process."""
-    with _TALLIES_LOCK:
-        names = [folder] if folder else list(_TALLIES)
-        closing = [_TALLIES.pop(name) for name in names if name in _TALLIES]
-    for item in closing:
-        item.close()
-
-
-atexit.register(close_tallies)  # a worker process's last counts reach its file as it exits
 
 
 # --------------------------------------------------------------------------- input size

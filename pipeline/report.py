@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.schema import STATUS_ORDER
-from paircurate.transforms.write import IMAGE_EXTENSIONS, iter_shard, read_json
+from paircurate.transforms.schema import STATUS_ORDER
+from paircurate.transforms.files import IMAGE_EXTENSIONS, iter_shard, read_json
 
 REPORT_NAME = "report.html"
 #: Stage that gives each status, in STATUS_ORDER (the funnel's rows).

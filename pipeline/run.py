@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import platform
@@ -16,12 +15,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from paircurate import __version__
-from paircurate.beam_util import LOCAL_RUNNERS, make_pipeline
+from paircurate.transforms.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
 from paircurate.graph import REJECTED_FILE, OutputLayout, build, plan_input
 from paircurate.lock import LockError, OutputLock
-from paircurate.schema import STATUS_ORDER
-from paircurate.transforms.write import read_json, write_json
+from paircurate.transforms.schema import STATUS_ORDER
+from paircurate.transforms.files import read_json, write_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -85,14 +84,8 @@ def prepare_output(root: str, overwrite: bool, command: Optional[str] = None) ->
 
 def write_marker(root: str, info: Dict[str, Any]) -> None:
     """Write the run marker; on a local disk it replaces the old one atomically, never leaving none."""
-    path = FileSystems.join(root, RUN_MARKER)
-    if "://" in root:
-        write_json(path, info)  # object stores: delete-then-rename, a short window without a marker
-        return
-    temp = path + ".incomplete"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2, sort_keys=True)
-    os.replace(temp, path)
+    # Object stores: delete-then-rename, a short window without a marker.
+    write_json(FileSystems.join(root, RUN_MARKER), info)
 
 
 @contextlib.contextmanager
@@ -182,7 +175,7 @@ def stage_timings(result) -> Dict[str, Dict[str, float]]:
     """
     from apache_beam.metrics.metric import MetricsFilter
 
-    from paircurate.beam_util import WORK_TIME_METRIC
+    from paircurate.transforms.beam_util import WORK_TIME_METRIC
 
     stages: Dict[str, Dict[str, float]] = {}
     try:
@@ -355,7 +348,7 @@ def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:
     """
     from apache_beam.metrics.metric import MetricsFilter
 
-    from paircurate.beam_util import SHUFFLE_NAMESPACE
+    from paircurate.transforms.beam_util import SHUFFLE_NAMESPACE
 
     try:
         counters = result.metrics().query(MetricsFilter().with_namespace(SHUFFLE_NAMESPACE))["counters"]

@@ -25,8 +25,8 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config, ConfigError
-from paircurate.schema import LEDGER_FIELDS, Status, mark, new_record
-from paircurate.transforms.write import IMAGE_EXTENSIONS, CorruptShard, OversizedMember, iter_shard
+from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
+from paircurate.transforms.files import IMAGE_EXTENSIONS, CorruptShard, OversizedMember, iter_shard
 
 #: Ledger fields a sample's json may supply (the rest are this command's to fill).
 COPIED_FIELDS = {f.name: f.type for f in LEDGER_FIELDS
@@ -204,7 +204,7 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
     paths = match_inputs(input_glob)
     layout = OutputLayout(output_dir)
     stage = ScoreAndFilter(clip, output_dir)  # fails fast when the weights cannot be had
-    from paircurate.beam_util import make_pipeline
+    from paircurate.transforms.beam_util import make_pipeline
 
     with claim_output(output_dir, overwrite):
         started = time.time()

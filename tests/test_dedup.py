@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from paircurate.beam_util import test_pipeline
-from paircurate.config import DedupConfig
-from paircurate.schema import LEDGER_FIELDS, Status, mark, new_record
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.dedup import DedupConfig
+from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
 from paircurate.transforms.dedup import DeduplicateImages, hash_record
 from paircurate.transforms.phash import (ENTRY_BYTES, bucket_entries, bucket_pairs, bucket_partition,
                                          candidate_pairs, choose_representative,

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from paircurate.config import DedupConfig, load_config
+from paircurate.config import load_config
+from paircurate.transforms.dedup import DedupConfig
 from paircurate.imageserver import Route
 from paircurate.run import run_pipeline
 from paircurate.transforms.phash import information

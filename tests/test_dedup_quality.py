@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from paircurate.config import DedupConfig
+from paircurate.transforms.dedup import DedupConfig
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "near_duplicate_quality.py")
 

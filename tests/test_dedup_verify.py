@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from paircurate.config import DedupConfig
+from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.dedup import near_edges, verified_edges
 from paircurate.transforms.phash import (ENTRY_BYTES, MIRRORED, SMOOTH, hamming, information,
                                          near_entries, perceptual_hash, signature, smooth_hash,

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from fault_server import FaultServer
 from paircurate.config import load_config
 from paircurate.run import run_pipeline
-from paircurate.schema import error_class
+from paircurate.transforms.schema import error_class
 from test_fetch import FAULTS, config_for
 
 EXTRA = [

@@ -17,9 +17,9 @@ from apache_beam.testing.util import assert_that
 
 from fault_server import FaultServer, fault_server, free_port, self_signed_cert  # noqa: F401
 from paircurate.transforms import fetch as fetch_module
-from paircurate.beam_util import test_pipeline
-from paircurate.config import FetchConfig
-from paircurate.schema import Status, error_class, mark, new_record
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.fetch import FetchConfig
+from paircurate.transforms.schema import Status, error_class, mark, new_record
 from paircurate.transforms.fetch import (
     FetchImages, HostLimiter, apply_fetch, backoff_delay, blocked_address,
     content_problem, fetch_url, parse_ipv4_number, parse_retry_after, parse_target,

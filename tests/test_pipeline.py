@@ -171,7 +171,7 @@ def test_stats_time_the_concurrent_stages(finished_run):
 def test_lost_records_are_never_marked_finished(tmp_path):
     from paircurate.graph import OutputLayout
     from paircurate.run import finalise
-    from paircurate.transforms.write import write_json
+    from paircurate.transforms.files import write_json
 
     layout = OutputLayout(str(tmp_path / "out"))
     os.makedirs(layout.work)

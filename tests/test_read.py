@@ -4,8 +4,8 @@ import json
 import pytest
 from apache_beam.testing.util import assert_that
 
-from paircurate.beam_util import test_pipeline
-from paircurate.config import InputConfig
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.read import InputConfig
 from paircurate.transforms.read import (InputError, ReadInput, carried_columns, detect_format,
                                         iter_lines, iter_rows, make_uid, plan_reads, to_record)
 

@@ -19,7 +19,7 @@ from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image
 from paircurate.imageserver import ImageServer, Route
 from paircurate.run import run_pipeline
-from paircurate.schema import STATUS_ORDER, error_class
+from paircurate.transforms.schema import STATUS_ORDER, error_class
 
 CHROMIUM = "/usr/bin/chromium"
 N_GOOD = 12

@@ -2,9 +2,9 @@ import io
 
 from PIL import Image
 
-from paircurate.config import ImageConfig
+from paircurate.transforms.resize import ImageConfig
 from paircurate.demo import encode, synthetic_image
-from paircurate.schema import new_record
+from paircurate.transforms.schema import new_record
 from paircurate.transforms.resize import decode_and_resize, make_resizer, probe_size
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from paircurate.beam_util import make_pipeline
+from paircurate.transforms.beam_util import make_pipeline
 from paircurate.cli import cli
 from paircurate.config import load_config
 from paircurate.demo import build_sample, demo_overrides, encode, synthetic_image, write_input

@@ -17,7 +17,7 @@ import pytest
 from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image
 from paircurate.score import SAMPLE_EXTENSIONS, read_shard, run_score, sample_uid
-from paircurate.transforms.write import CorruptShard, OversizedMember, iter_shard
+from paircurate.transforms.files import CorruptShard, OversizedMember, iter_shard
 
 TINY = "paircurate-tiny"
 HEX_MEMBER = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp|txt|json)$")

@@ -1,9 +1,9 @@
 import apache_beam as beam
 from apache_beam.testing.util import assert_that
 
-from paircurate.beam_util import test_pipeline
-from paircurate.config import FilterConfig
-from paircurate.schema import new_record
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.validate import FilterConfig
+from paircurate.transforms.schema import new_record
 from paircurate.transforms.validate import ValidateAndFilter, keep_first, prefilter_caption, validate
 
 
@@ -62,7 +62,7 @@ def test_non_string_url_or_caption_is_invalid_and_fits_the_ledger():
     """A bad type must not break the ledger's string columns: the value is kept as its JSON text."""
     import pyarrow as pa
 
-    from paircurate.schema import ledger_row, ledger_schema
+    from paircurate.transforms.schema import ledger_row, ledger_schema
 
     cases = [(rec(42), "url: not a string (int)", "42", "a fine caption"),
              (rec(["http://h/a", "http://h/b"]), "url: not a string (list)", '["http://h/a", "http://h/b"]',

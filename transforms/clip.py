@@ -28,7 +28,7 @@ import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from paircurate.config import ClipConfig
-from paircurate.schema import Status, is_live, mark
+from paircurate.transforms.schema import Status, is_live, mark
 from paircurate.transforms.clip_model import (ClipModelError, LoadedClip, ScoredBatch, load_clip,
                                               model_description, resolve_model)
 

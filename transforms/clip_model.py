@@ -23,6 +23,7 @@ Two image paths (clip.preprocess):
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import io
 import logging
 import os
@@ -35,10 +36,49 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
+from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
 
-from paircurate.config import CONFIG_DIRS, ClipConfig
+
+@dataclass
+class ClipConfig:
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    pretrained: str = "laion2b_s34b_b79k"
+    # JSON model config for custom architectures (a path, or a file name in configs/models).
+    model_config: Optional[str] = None
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    precision: str = setting("auto", choices=("auto", "fp32", "fp16", "bf16"))
+    batch_size: int = setting(256, AT_LEAST_ONE)
+    min_score: Optional[float] = setting(None, Bounds(-1, 1))  # a cosine similarity
+    keep_fraction: Optional[float] = setting(None, Bounds(0, 1, low_open=True))
+    save_embeddings: bool = False
+    # Threads that decode and resize images for the model (0: one per CPU core).
+    preprocess_threads: int = setting(0, NON_NEGATIVE)  # 0: one per CPU core
+    # exact: open_clip's own PIL transform (scores match open_clip within 1e-4) |
+    # fast: JPEG draft decoding and a batched resize on the model's device (measured
+    # score difference at most 0.01; README "CLIP scoring and filtering").
+    preprocess: str = "fast"
+    # Where open_clip / Hugging Face weights are looked up (None: their default caches).
+    cache_dir: Optional[str] = None
+    # Serve one model per machine to all worker processes (Beam multi_process_shared).
+    share_model_across_processes: bool = False
+
+    def check(self) -> None:
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda")
+                or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(f"clip.device={device!r}: must be auto, cpu, cuda or cuda:N")
+        if self.min_score is not None and self.keep_fraction is not None:
+            raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
+
 
 _LOG = logging.getLogger(__name__)
+
+#: Where shipped model configs (configs/models) are: inside the installed package, whose configs/
+#: lies beside transforms/, as the repository's configs/ lies beside transforms/ in a checkout.
+CONFIG_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")]
 
 RANDOM_WEIGHTS = ("", "none", "random")
 HF_HOST = "huggingface.co"
@@ -273,6 +313,8 @@ def fetch_remote_checkpoint(path: str, cache_dir: Optional[str]) -> str:
 
     from apache_beam.io.filesystems import FileSystems
 
+    from paircurate.transforms.files import write_atomically
+
     folder = os.path.join(cache_dir or os.path.expanduser("~/.cache/paircurate"), "checkpoints")
     os.makedirs(folder, exist_ok=True)
     digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:16]
@@ -281,14 +323,16 @@ def fetch_remote_checkpoint(path: str, cache_dir: Optional[str]) -> str:
         return local
     if not FileSystems.exists(path):
         raise ClipModelError(f"clip.pretrained {path!r}: no such file")
-    temp = f"{local}.{os.getpid()}.incomplete"
-    with FileSystems.open(path) as src, open(temp, "wb") as dst:
-        while True:
-            chunk = src.read(16 << 20)
-            if not chunk:
-                break
-            dst.write(chunk)
-    os.replace(temp, local)
+
+    def copy(dst) -> None:
+        with FileSystems.open(path) as src:
+            while True:
+                chunk = src.read(16 << 20)
+                if not chunk:
+                    break
+                dst.write(chunk)
+
+    write_atomically(local, copy, temp=f"{local}.{os.getpid()}.incomplete")
     return local
 
 

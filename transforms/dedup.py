@@ -54,6 +54,7 @@ transformed copies each; README, Deduplication, has the table):
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
@@ -61,14 +62,63 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from paircurate.beam_util import metered_cogroup, metered_group
-from paircurate.config import DedupConfig
-from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.beam_util import metered_cogroup, metered_group
+from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
 from paircurate.transforms.staging import decided_only
 from paircurate.transforms.phash import (MIRRORED, SMOOTH, Rank, bucket_entries, bucket_pairs,
                                          bucket_partition, default_blocks, hamming, hash_hex,
                                          hash_int, key_masks, rank, signature, split_entries,
                                          verify_distance)
+from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    exact: bool = True
+    near: bool = True
+    # imagehash function: phash | dhash | ahash | whash
+    hash: str = setting("phash", choices=("phash", "dhash", "ahash", "whash"))
+    hash_size: int = setting(8, Bounds(2, 32))  # imagehash needs 2+; near search 8 at most
+    max_distance: int = setting(6, NON_NEGATIVE)  # at most the hash's bits, checked below
+    # Images whose information measure is below this (truly flat) take part in exact dedup only.
+    min_information: float = setting(0.75, Bounds(0))
+    # Below this information the near search hashes with phash.smooth_hash, not the pHash.
+    smooth_below: float = setting(4.0, Bounds(0))
+    # Mirrored copies are near duplicates (canonical orientation; see phash.near_entries).
+    flips: bool = True
+    # Verify every candidate pair on the images' thumbnails (phash.verify_distance) and keep
+    # it only at verify_max_distance or less (1.0: the measured tolerances).
+    verify: bool = True
+    verify_max_distance: float = setting(1.0, Bounds(0))
+    # Ledgers of earlier runs (paths or globs); their ok samples always win.
+    history: List[str] = field(default_factory=list)
+    # Upper bound on pairwise comparisons inside one candidate bucket; a bucket
+    # over it is compared in a window (see transforms/phash.py; metric dedup/bucket_overflows).
+    max_bucket_comparisons: int = setting(200_000, AT_LEAST_ONE)
+    # Pigeonhole blocks m per hash for candidate keys (0: max_distance + 3, i.e. keys of
+    # three blocks; see transforms/phash.py for the sizing at a billion images).
+    blocks: int = setting(0, NON_NEGATIVE)  # 0: automatic; else above max_distance
+    # Shuffle partitions the candidate buckets are spread over (batches of buckets, so
+    # the shuffle carries numpy arrays, not one element per key).  Per partition in
+    # memory: items * keys / partitions entries of 9 bytes; raise it beyond ~1e9 items.
+    partitions: int = setting(4096, AT_LEAST_ONE)
+    # Distinct hashes per worker batch when the bucket keys are computed.
+    key_batch: int = setting(65536, AT_LEAST_ONE)
+    # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
+    # up to this are exact (metric dedup/unconverged_nodes counts the rest).
+    cluster_rounds: int = setting(8, AT_LEAST_ONE)
+
+    def check(self) -> None:
+        if self.near and self.hash_size > 8:
+            raise ConfigError("dedup.hash_size must be at most 8 (64-bit hashes) for near-duplicate search")
+        bits = self.hash_size ** 2
+        if not 0 <= self.max_distance <= bits:
+            raise ConfigError(f"dedup.max_distance must be between 0 and the hash's bit count ({bits})")
+        if self.blocks and not self.max_distance < self.blocks <= bits:
+            raise ConfigError(f"dedup.blocks must be 0 (automatic) or above dedup.max_distance "
+                              f"({self.max_distance}) and at most the hash's bit count ({bits})")
+
 
 _NS = "dedup"
 
@@ -568,7 +618,7 @@ class _NearDecisions(beam.PTransform):
                       "rejected", main="edges"))
         edges = (within.edges, across.edges) | "Edges" >> beam.Flatten()
         if self._rejected_path:
-            from paircurate.transforms.write import write_json
+            from paircurate.transforms.files import write_json
 
             _ = ((within.rejected, across.rejected)
                  | "Rejected" >> beam.Flatten()

@@ -23,13 +23,44 @@ import ssl
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import apache_beam as beam
 
-from paircurate.beam_util import ConcurrentRecordFn
-from paircurate.config import FetchConfig
-from paircurate.schema import Status, is_live, mark
+from paircurate.transforms.beam_util import ConcurrentRecordFn
+from paircurate.transforms.schema import Status, is_live, mark
+from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, setting
+
+
+@dataclass
+class FetchConfig:
+    threads: int = setting(64, AT_LEAST_ONE)
+    connect_timeout: float = setting(10.0, POSITIVE)
+    # Limit for the whole response (headers and body), not per read.
+    timeout: float = setting(30.0, POSITIVE)
+    # Limit for everything one URL may take: every attempt, redirect hop, backoff and
+    # Retry-After wait (None: 3 x timeout).  Past it the row is fetch_failed "timeout: deadline".
+    url_deadline: Optional[float] = setting(None, POSITIVE)
+    retries: int = setting(2, NON_NEGATIVE)
+    backoff_base: float = setting(0.5, NON_NEGATIVE)
+    backoff_max: float = setting(8.0, NON_NEGATIVE)
+    retry_after_max: float = setting(30.0, NON_NEGATIVE)
+    # Retry timeouts too?  Off: a retried timeout costs another whole timeout.
+    retry_timeouts: bool = False
+    max_bytes: int = setting(20 * 1024 * 1024, AT_LEAST_ONE)
+    max_redirects: int = setting(5, NON_NEGATIVE)
+    per_host_concurrency: int = setting(16, AT_LEAST_ONE)
+    user_agent: str = "paircurate/0.1 (+https://github.com/paircurate/paircurate)"
+    user_agent_token: str = "paircurate"
+    # X-Robots-Tag directives that mark an image as opted out (img2dataset's defaults).
+    disallowed_header_directives: List[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    # SSRF protection: refuse private, loopback, link-local, ... addresses.
+    block_private_addresses: bool = True
+    # host:port pairs exempt from the address check (tests and the demo serve on loopback).
+    allowed_hosts: List[str] = field(default_factory=list)
+
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Resolver = Callable[..., Sequence[tuple]]

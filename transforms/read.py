@@ -27,8 +27,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.config import InputConfig
-from paircurate.schema import carried_name, new_record
+from paircurate.transforms.schema import carried_name, new_record
+from paircurate.transforms.settings import AT_LEAST_ONE, setting
+
+
+@dataclass
+class InputConfig:
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # auto | parquet | csv | tsv | jsonl | txt (auto: from the file name)
+    format: str = setting("auto", choices=("auto", "parquet", "csv", "tsv", "jsonl", "txt"))
+    # Text inputs (txt, tsv, jsonl) are split into byte ranges of this size so
+    # that several workers read one large file.
+    split_bytes: int = setting(64 * 1024 * 1024, AT_LEAST_ONE)
+
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
@@ -649,7 +661,7 @@ class _ReadTaskFn(beam.DoFn):
         self._progress_dir = progress
 
     def setup(self):
-        from paircurate.progress import tally
+        from paircurate.transforms.tally import tally
 
         self._rows = beam.metrics.Metrics.counter("read", "rows")
         self._tally = tally(self._progress_dir)

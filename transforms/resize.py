@@ -2,14 +2,38 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import apache_beam as beam
 
-from paircurate.beam_util import ConcurrentRecordFn
-from paircurate.config import ImageConfig
-from paircurate.schema import Status, is_live, mark
+from paircurate.transforms.beam_util import ConcurrentRecordFn
+from paircurate.transforms.schema import Status, is_live, mark
+from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
+
+
+@dataclass
+class ImageConfig:
+    image_size: int = setting(256, Bounds(1, 65535))  # JPEG's largest side
+    # img2dataset resize modes: no | keep_ratio | keep_ratio_largest | center_crop | border
+    resize_mode: str = setting("border", choices=("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"))
+    resize_only_if_bigger: bool = False
+    encode_format: str = setting("jpg", choices=("jpg", "png", "webp"))
+    encode_quality: int = setting(95, Bounds(0, 100))  # PNG: 0-9, checked below
+    min_image_size: int = setting(0, NON_NEGATIVE)
+    max_aspect_ratio: float = setting(math.inf, Bounds(1, allow_inf=True))  # larger side / smaller side
+    # Images with more pixels than this are refused before decoding (decompression bombs).
+    max_image_pixels: int = setting(100_000_000, AT_LEAST_ONE)
+    # Decode/resize threads per worker (0: one per CPU core).
+    threads: int = setting(0, NON_NEGATIVE)  # 0: one per CPU core
+
+    def check(self) -> None:
+        if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
+            raise ConfigError("with image.encode_format png, image.encode_quality is the PNG "
+                              "compression level and must be 0-9")
+
 
 # albumentations (imported by img2dataset) asks PyPI for its latest version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -31,7 +31,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.schema import is_live
+from paircurate.transforms.files import write_atomically
+from paircurate.transforms.schema import is_live
 
 #: The folder under the output root that holds staging (kept when an unfinished run is resumed).
 STAGING_DIR = "_staging"
@@ -146,13 +147,7 @@ class SegmentWriter:
             return
         self._handle.close()
         final = FileSystems.join(self._folder, self._name + INDEX_SUFFIX)
-        temp = final + ".incomplete"
-        handle = FileSystems.create(temp)
-        try:
-            handle.write(("\n".join(self._index) + "\n").encode("utf-8"))
-        finally:
-            handle.close()
-        FileSystems.rename([temp], [final])
+        write_atomically(final, ("\n".join(self._index) + "\n").encode("utf-8"))
         self.closed_segments.append(self._name)
         self._handle = None
 
@@ -356,7 +351,7 @@ class RestoreStaged(beam.PTransform):
         self._indexes = list(indexes)
 
     def expand(self, records):
-        from paircurate.beam_util import metered_cogroup
+        from paircurate.transforms.beam_util import metered_cogroup
 
         live, done = records | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)
         staged = (records.pipeline

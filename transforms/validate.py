@@ -3,13 +3,27 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import apache_beam as beam
 
-from paircurate.config import FilterConfig
-from paircurate.beam_util import metered_group
-from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.beam_util import metered_group
+from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.settings import AT_LEAST_ONE, ConfigError, NON_NEGATIVE, setting
+
+
+@dataclass
+class FilterConfig:
+    # LAION drops captions under 5 characters.
+    min_caption_length: int = setting(5, NON_NEGATIVE)
+    max_caption_length: int = setting(10000, AT_LEAST_ONE)
+    # Exact URL+caption dedup of the input list (duplicate_input).
+    dedup_input: bool = True
+
+    def check(self) -> None:
+        if self.min_caption_length > self.max_caption_length:
+            raise ConfigError("filter.min_caption_length must not exceed filter.max_caption_length")
 
 
 def validate(record: Dict[str, Any]) -> Dict[str, Any]:

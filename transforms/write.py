@@ -11,26 +11,34 @@ so identical input and responses give identical bytes.
 """
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import io
 import json
-import lzma
-import os
 import tarfile
-import zlib
 from dataclasses import dataclass
-from typing import (Any, Collection, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Tuple)
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.beam_util import metered, metered_group
-from paircurate.schema import error_class, ledger_row, pack_record, unpack_record
+from paircurate.transforms.beam_util import metered, metered_group
+from paircurate.transforms.schema import error_class, ledger_row, pack_record, unpack_record
+from paircurate.transforms.files import write_atomically, write_json
 from paircurate.transforms.staging import StagedReader, decided_only, image_bytes
+from paircurate.transforms.settings import AT_LEAST_ONE, setting
+
+
+@dataclass
+class OutputConfig:
+    samples_per_shard: int = setting(10000, AT_LEAST_ONE)
+    report: bool = True
+    # Staging segments (image bytes kept where they were made, see transforms/staging.py):
+    # a segment is closed, and so becomes resumable, after this many images or bytes.
+    staging_segment_records: int = setting(1000, AT_LEAST_ONE)
+    staging_segment_bytes: int = setting(64 * 1024 * 1024, AT_LEAST_ONE)
+
 
 #: Number of hash buckets used to rank kept samples (a bucket holds ~N/this uids).
 RANK_BUCKETS = 1024
@@ -99,141 +107,6 @@ def sample_members(record: Mapping[str, Any], carried: Sequence[str],
             (f"{key}.txt", (record.get("caption") or "").encode("utf-8"))]
 
 
-#: Image members a sample may have, in the order a reader prefers them.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def split_member(name: str) -> Tuple[str, str]:
-    """WebDataset naming: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the key ends at the basename's first dot."""
-    folder, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (os.path.join(folder, stem) if folder else stem), ext.lower()
-
-
-@dataclass(frozen=True)
-class OversizedMember:
-    """Stands for a member over the reader's size limit: its bytes were skipped, never read."""
-    name: str
-    size: int
-
-
-class CorruptShard(tarfile.ReadError):
-    """A shard that cannot be read to its end; samples before the damage were yielded.
-
-    ``pending`` is the key whose members were being collected when the damage
-    was hit (its sample was not yielded), or None.
-    """
-
-    def __init__(self, reason: str, pending: Optional[str] = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.pending = pending
-
-
-#: Largest extended header (pax, GNU long name) read: tarfile reads one whole into memory.
-MAX_EXTENDED_HEADER = 1 << 20
-_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses an extended header larger than MAX_EXTENDED_HEADER before tarfile reads it."""
-
-    def _proc_member(self, tarfile_):  # tarfile's hook for header types
-        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
-            raise tarfile.HeaderError(f"extended header of {self.size} bytes for {self.name!r}")
-        return super()._proc_member(tarfile_)
-
-
-#: What a damaged tar or gzip stream raises while being read.
-_DAMAGE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
-
-
-class _Prefixed(io.RawIOBase):
-    """A stream with bytes already read from it put back in front."""
-
-    def __init__(self, head: bytes, rest):
-        self._head = head
-        self._rest = rest
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        if self._head:
-            n = min(len(buffer), len(self._head))
-            buffer[:n], self._head = self._head[:n], self._head[n:]
-            return n
-        data = self._rest.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-
-#: Magic bytes of the compressions a shard may use, and their streaming readers.
-_COMPRESSIONS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
-                 (b"BZh", lambda f: bz2.BZ2File(f)),
-                 (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f)))
-
-
-def _decompressed(handle):
-    """The tar stream inside ``handle``, decompressed by the library streams.
-
-    tarfile's own "r|gz" keeps what one read decompressed and copies it on
-    every block, which takes minutes to skip over a highly compressible member;
-    gzip/bz2/lzma's readers decompress at most what is asked for.
-    """
-    head = handle.read(6)
-    stream = io.BufferedReader(_Prefixed(head, handle), 1 << 16)
-    for magic, reader in _COMPRESSIONS:
-        if head.startswith(magic):
-            return reader(stream)
-    return stream
-
-
-def iter_samples(handle, extensions: Optional[Collection[str]] = None,
-                 max_member_bytes: Optional[int] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """(key, {extension: bytes}) for each sample of a tar stream (members of a key are adjacent).
-
-    With ``extensions``, other members are skipped without reading their bytes
-    (the stream is read past them in small blocks).  With ``max_member_bytes``,
-    a larger member is not read either: it appears as an OversizedMember.  A
-    damaged stream raises CorruptShard after the samples before the damage.
-    """
-    current: Optional[str] = None
-    members: Dict[str, Any] = {}
-    try:
-        with tarfile.open(fileobj=_decompressed(handle), mode="r|", bufsize=1 << 20,
-                          tarinfo=_BoundedTarInfo) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member(info.name)
-                if not ext or os.path.basename(key).startswith("."):
-                    continue  # no extension, or a hidden file: not part of a sample
-                if extensions is not None and ext not in extensions:
-                    continue
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                    current, members = key, {}
-                if max_member_bytes is not None and info.size > max_member_bytes:
-                    members[ext] = OversizedMember(info.name, info.size)
-                else:
-                    members[ext] = tar.extractfile(info).read()
-    except _DAMAGE as exc:
-        raise CorruptShard(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                           current) from exc
-    if current is not None:
-        yield current, members
-
-
-def iter_shard(path: str, extensions: Optional[Collection[str]] = None,
-               max_member_bytes: Optional[int] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """iter_samples over a shard file (local, gs://, s3://; plain or gzip-compressed tar)."""
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        yield from iter_samples(handle, extensions, max_member_bytes)
-
-
 class _HashingWriter(io.RawIOBase):
     """Passes writes through while counting bytes and computing sha256."""
 
@@ -279,33 +152,9 @@ def write_shard(shards_dir: str, index: int, records: Sequence[Dict[str, Any]],
     temp = FileSystems.join(shards_dir, f".{name}.incomplete")
     ordered = sorted(records, key=lambda r: r["key"])
     members = (m for record in ordered for m in sample_members(record, carried, reader))
-    handle = FileSystems.create(temp)
-    try:
-        size, digest = write_tar(handle, members)
-    finally:
-        handle.close()
-    if FileSystems.exists(final):
-        FileSystems.delete([final])  # a retried bundle rewrites the same bytes
-    FileSystems.rename([temp], [final])
+    # A retried bundle rewrites the same bytes over the same name.
+    size, digest = write_atomically(final, lambda handle: write_tar(handle, members), temp=temp)
     return {"name": name, "samples": len(ordered), "bytes": size, "sha256": digest}
-
-
-def write_json(path: str, value: Any) -> None:
-    """Write JSON through Beam's FileSystems, complete-then-rename."""
-    temp = path + ".incomplete"
-    handle = FileSystems.create(temp)
-    try:
-        handle.write(json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8"))
-    finally:
-        handle.close()
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temp], [path])
-
-
-def read_json(path: str) -> Any:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
 
 
 def count_key(row: Mapping[str, Any]) -> Tuple[str, str]:
@@ -404,7 +253,7 @@ class WriteShards(beam.PTransform):
 
 
 def ledger_arrow_schema(carried_schema: pa.Schema) -> pa.Schema:
-    from paircurate.schema import ledger_schema
+    from paircurate.transforms.schema import ledger_schema
 
     return ledger_schema(carried_schema)
 
@@ -417,7 +266,7 @@ class _LedgerRowFn(beam.DoFn):
         self._progress_dir = progress
 
     def setup(self):
-        from paircurate.progress import tally
+        from paircurate.transforms.tally import tally
 
         self._tally = tally(self._progress_dir)
 

@@ -60,7 +60,7 @@ class ConcurrentRecordFn(beam.DoFn):
     """
 
     #: Status and error class given to a record whose ``work`` raised.
-    failure_status = None  # a paircurate.schema.Status
+    failure_status = None  # a paircurate.transforms.schema.Status
     failure_class = "internal"
     #: Beam metrics namespace for per-outcome counters.
     namespace = "work"
@@ -79,7 +79,7 @@ class ConcurrentRecordFn(beam.DoFn):
         self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix=self.namespace)
         self._counters = {}
         self._work_time = beam.metrics.Metrics.distribution(self.namespace, WORK_TIME_METRIC)
-        from paircurate.progress import PASSED, RESUMED, tally
+        from paircurate.transforms.tally import PASSED, RESUMED, tally
         self._tally = tally(getattr(self, "_progress_dir", None))
         self._passed_keys = {True: f"{self.namespace}/{RESUMED}", False: f"{self.namespace}/{PASSED}"}
 
@@ -90,7 +90,7 @@ class ConcurrentRecordFn(beam.DoFn):
         self._in_flight = 0
 
     def _run(self, item) -> None:
-        from paircurate.schema import mark
+        from paircurate.transforms.schema import mark
 
         import time
 
@@ -104,7 +104,7 @@ class ConcurrentRecordFn(beam.DoFn):
         self._done.put((record, timestamp, window, elapsed_us))
 
     def count(self, record) -> None:
-        from paircurate.schema import error_class, is_live
+        from paircurate.transforms.schema import error_class, is_live
 
         name = "ok" if is_live(record) else (error_class(record.get("error")) or record["status"])
         if name not in self._counters:
@@ -131,7 +131,7 @@ class ConcurrentRecordFn(beam.DoFn):
             block = False  # after one blocking wait, take only what is ready
 
     def process(self, record, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        from paircurate.schema import is_live
+        from paircurate.transforms.schema import is_live
 
         # A record restored from staging (a resumed run) has its image already: no work.
         if not is_live(record) or record.get("image_ref"):

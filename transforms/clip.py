@@ -27,9 +27,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from paircurate.config import ClipConfig
 from paircurate.transforms.schema import Status, is_live, mark
-from paircurate.transforms.clip_model import (ClipModelError, LoadedClip, ScoredBatch, load_clip,
+from paircurate.transforms.clip_model import (ClipConfig, ClipModelError, LoadedClip, ScoredBatch, load_clip,
                                               model_description, resolve_model)
 
 __all__ = ["ScoreAndFilter", "OpenClipModelHandler", "ClipModelError", "model_description",

@@ -28,6 +28,7 @@ class _IrrelevantWarnings(logging.Filter):
 logging.getLogger().addFilter(_IrrelevantWarnings())
 
 from paircurate.config import ConfigError, load_config  # noqa: E402
+from paircurate.transforms.schema import STATUS_LABELS  # noqa: E402
 
 def _user_errors() -> tuple:
     """Errors a user can cause: they end with one line, not a traceback."""
@@ -66,12 +67,12 @@ def print_summary(stats: Dict[str, Any], output: str) -> None:
     """The end-of-run table: rows in, per-status counts, shards, where the output is."""
     rows = stats["ledger_rows"] or 1
     click.echo("")
-    click.echo(f"{'status':<20}{'rows':>10}{'share':>9}")
-    click.echo("-" * 39)
-    for status, count in stats["by_status"].items():
+    click.echo(f"{'status':<20}{'rows':>10}{'share':>9}  stage")
+    click.echo("-" * 62)
+    for status, count in stats["by_status"].items():  # in the status registry's order (run.py)
         if count:
-            click.echo(f"{status:<20}{count:>10}{100.0 * count / rows:>8.1f}%")
-    click.echo("-" * 39)
+            click.echo(f"{status:<20}{count:>10}{100.0 * count / rows:>8.1f}%  {STATUS_LABELS.get(status, '')}")
+    click.echo("-" * 62)
     click.echo(f"{'rows in':<20}{stats['rows_in']:>10}")
     click.echo(f"{'kept (ok)':<20}{stats['kept']:>10}")
     click.echo(f"{'shards written':<20}{stats['shards']:>10}")

@@ -19,7 +19,7 @@ from paircurate.transforms.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
 from paircurate.graph import REJECTED_FILE, OutputLayout, build, plan_input
 from paircurate.lock import LockError, OutputLock
-from paircurate.transforms.schema import STATUS_ORDER
+from paircurate.transforms.schema import STATUS_ORDER, funnel
 from paircurate.transforms.files import read_json, write_json
 
 _LOG = logging.getLogger(__name__)
@@ -155,11 +155,9 @@ def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: 
         "config": config.to_dict(),
         "versions": versions(),
     }
-    # --- funnel (owned by paircurate.report): rows removed/remaining per stage, the same
-    # numbers report.html shows, so monitoring can read them from stats.json.
-    from paircurate.report import funnel
+    # Rows removed/remaining per stage in the status registry's order, the same numbers
+    # report.html shows, so monitoring can read them from stats.json.
     stats["funnel"] = funnel(by_status)
-    # --- end funnel
     if config.clip.enabled:
         from paircurate.transforms.clip import model_description
         stats["clip_model"] = model_description(config.clip)

@@ -8,6 +8,7 @@ row, and ``status == "ok"`` exactly for the samples in the shards.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import pyarrow as pa
@@ -28,13 +29,68 @@ class Status(str, enum.Enum):
     DUPLICATE_EXACT = "duplicate_exact"
     DUPLICATE_NEAR = "duplicate_near"
     CLIP_FILTERED = "clip_filtered"
+    LANGUAGE_FILTERED = "language_filtered"
+    TAG_FILTERED = "tag_filtered"
+    DUPLICATE_SEMANTIC = "duplicate_semantic"
 
     def __str__(self) -> str:  # so f-strings and JSON give the plain value
         return self.value
 
 
-#: Order in which statuses arise along the pipeline (used by the funnel).
-STATUS_ORDER: List[str] = [s.value for s in Status if s is not Status.OK] + ["ok"]
+@dataclass(frozen=True)
+class StatusInfo:
+    """What the registry says of one status."""
+
+    status: Status
+    stage: str     # the stage (module of paircurate.transforms) that gives it
+    label: str     # its row in the funnel (report.html, stats.json) and the CLI summary
+    position: int  # its place in the funnel: the order in which statuses arise along the pipeline
+
+
+#: The status registry: one line per status, in funnel order (the position is the line's place).
+#: The enumeration's order means nothing; a new status gets a line here where its stage runs.
+STATUS_REGISTRY: Dict[Status, StatusInfo] = {
+    info[0]: StatusInfo(*info, position=position) for position, info in enumerate([
+        (Status.INVALID_INPUT, "validate", "validate"),
+        (Status.CAPTION_FILTERED, "validate", "caption prefilter"),
+        (Status.LANGUAGE_FILTERED, "language", "caption language"),
+        (Status.DUPLICATE_INPUT, "validate", "input dedup"),
+        (Status.FETCH_FAILED, "fetch", "fetch"),
+        (Status.DISALLOWED, "fetch", "fetch (opt-out header)"),
+        (Status.BLOCKED_ADDRESS, "fetch", "fetch (address check)"),
+        (Status.DECODE_FAILED, "resize", "decode/resize"),
+        (Status.SIZE_FILTERED, "resize", "decode/resize"),
+        (Status.DUPLICATE_EXACT, "dedup", "exact image dedup"),
+        (Status.DUPLICATE_NEAR, "dedup", "near image dedup"),
+        (Status.CLIP_FILTERED, "clip", "CLIP filter"),
+        (Status.TAG_FILTERED, "clip", "tag filter"),
+        (Status.DUPLICATE_SEMANTIC, "dedup", "semantic dedup"),
+        (Status.OK, "write", "kept"),
+    ])}
+
+#: Order in which statuses arise along the pipeline (the funnel's), ok last.
+STATUS_ORDER: List[str] = [info.status.value for info in
+                           sorted(STATUS_REGISTRY.values(), key=lambda info: info.position)]
+#: The funnel label of each status (by value).
+STATUS_LABELS: Dict[str, str] = {info.status.value: info.label for info in STATUS_REGISTRY.values()}
+
+
+def funnel(by_status: Mapping[str, int]) -> List[Dict[str, Any]]:
+    """Rows removed per status, in registry order, and the rows remaining after each.
+
+    Rows in = the sum of all counts; the last ``remaining`` equals the ok count.
+    Statuses the registry does not know (from a newer version) come last, before ok.
+    """
+    order = [s for s in STATUS_ORDER if s != Status.OK.value]
+    order += sorted(s for s in by_status if s not in STATUS_LABELS)
+    remaining = sum(int(n) for n in by_status.values())
+    steps = []
+    for status in order:
+        removed = int(by_status.get(status, 0))
+        remaining -= removed
+        steps.append({"stage": STATUS_LABELS.get(status, status), "status": status,
+                      "removed": removed, "remaining": remaining})
+    return steps
 
 # Core ledger columns, in order.  Carried input columns follow these.
 LEDGER_FIELDS: List[pa.Field] = [

@@ -167,8 +167,9 @@ def build_stats(counts: Dict[str, Any], manifest: List[Dict[str, Any]], config: 
 def stage_timings(result) -> Dict[str, Dict[str, float]]:
     """Per-stage work time from Beam metrics: records, busy seconds (summed over threads), ms per record.
 
-    Fetch and decode/resize record the time of each record's work; CLIP
-    records RunInference's batch latency.  Shuffle-bound stages (dedup, shard
+    Per-record stages (transforms/stage.py: validate, caption) and the threaded ones (fetch,
+    decode/resize) record the time of each record's work; CLIP records RunInference's batch
+    latency.  Shuffle-bound stages (dedup, shard
     numbering) have no per-record work to time and are not listed.
     """
     from apache_beam.metrics.metric import MetricsFilter

@@ -4,7 +4,13 @@ from apache_beam.testing.util import assert_that
 from paircurate.transforms.beam_util import test_pipeline
 from paircurate.transforms.validate import FilterConfig
 from paircurate.transforms.schema import new_record
-from paircurate.transforms.validate import ValidateAndFilter, keep_first, prefilter_caption, validate
+from paircurate.transforms.validate import CaptionFilter, ValidateAndFilter, ValidateInput, keep_first
+
+validate = ValidateInput().apply
+
+
+def prefilter_caption(record, config, has_captions=True):
+    return CaptionFilter(config, has_captions).apply(record)
 
 
 def rec(url, caption="a fine caption", position=0, source="in.parquet", extra=None):

@@ -70,7 +70,15 @@ class ConcurrentRecordFn(beam.DoFn):
         self._max_in_flight = 2 * self._threads
         self._progress_dir = progress  # the run's progress folder (paircurate.progress); None: not counted
 
-    def work(self, record):  # pragma: no cover - abstract
+    def work(self, record) -> None:
+        """A live record's work (on the pool): by default the stage contract's check(), then mark."""
+        from paircurate.transforms.schema import mark
+
+        verdict = self.check(record)
+        if verdict is not None:
+            mark(record, *verdict)
+
+    def check(self, record):  # pragma: no cover - abstract: see paircurate.transforms.stage
         raise NotImplementedError
 
     def setup(self) -> None:

@@ -10,6 +10,7 @@ import apache_beam as beam
 
 from paircurate.transforms.beam_util import metered_group
 from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.stage import RecordStage, Verdict
 from paircurate.transforms.settings import AT_LEAST_ONE, ConfigError, NON_NEGATIVE, setting
 
 
@@ -26,18 +27,20 @@ class FilterConfig:
             raise ConfigError("filter.min_caption_length must not exceed filter.max_caption_length")
 
 
-def validate(record: Dict[str, Any]) -> Dict[str, Any]:
+class ValidateInput(RecordStage):
     """Missing or empty URL, non-string fields, URLs without a scheme, unparsable rows -> invalid_input."""
-    if not is_live(record):
-        return record
-    problem = input_problem(record)
-    if problem:
-        # The ledger's url and caption columns are strings: a value of another type is
-        # kept as its JSON text, so the row stays visible and the ledger stays writable.
-        record["url"], record["caption"] = as_text(record.get("url")), as_text(record.get("caption"))
-        return mark(record, Status.INVALID_INPUT, problem)
-    record["url"] = record["url"].strip()
-    return record
+
+    namespace = "validate"
+
+    def check(self, record: Dict[str, Any]) -> Verdict:
+        problem = input_problem(record)
+        if problem:
+            # The ledger's url and caption columns are strings: a value of another type is
+            # kept as its JSON text, so the row stays visible and the ledger stays writable.
+            record["url"], record["caption"] = as_text(record.get("url")), as_text(record.get("caption"))
+            return Status.INVALID_INPUT, problem
+        record["url"] = record["url"].strip()
+        return None
 
 
 def input_problem(record: Dict[str, Any]) -> Optional[str]:
@@ -74,17 +77,25 @@ def as_text(value: Any) -> Optional[str]:
         return str(value)
 
 
-def prefilter_caption(record: Dict[str, Any], config: FilterConfig,
-                      has_captions: bool = True) -> Dict[str, Any]:
-    """LAION's caption rule: too short (or too long) -> caption_filtered."""
-    if not is_live(record) or not has_captions:
-        return record
-    length = len((record.get("caption") or "").strip())
-    if length < config.min_caption_length:
-        return mark(record, Status.CAPTION_FILTERED, f"too_short: {length} < {config.min_caption_length}")
-    if length > config.max_caption_length:
-        return mark(record, Status.CAPTION_FILTERED, f"too_long: {length} > {config.max_caption_length}")
-    return record
+class CaptionFilter(RecordStage):
+    """LAION's caption rule: too short (or too long) -> caption_filtered (inputs without captions pass)."""
+
+    namespace = "caption"
+
+    def __init__(self, config: FilterConfig, has_captions: bool = True):
+        self._config = config
+        self._has_captions = has_captions
+
+    def check(self, record: Dict[str, Any]) -> Verdict:
+        if not self._has_captions:
+            return None
+        config = self._config
+        length = len((record.get("caption") or "").strip())
+        if length < config.min_caption_length:
+            return Status.CAPTION_FILTERED, f"too_short: {length} < {config.min_caption_length}"
+        if length > config.max_caption_length:
+            return Status.CAPTION_FILTERED, f"too_long: {length} > {config.max_caption_length}"
+        return None
 
 
 def input_key(record: Dict[str, Any]) -> bytes:
@@ -138,8 +149,8 @@ class ValidateAndFilter(beam.PTransform):
     def expand(self, records):
         config, has_captions = self._config, self._has_captions
         checked = (records
-                   | "Validate" >> beam.Map(validate)
-                   | "Caption" >> beam.Map(prefilter_caption, config, has_captions))
+                   | "Validate" >> beam.ParDo(ValidateInput())
+                   | "Caption" >> beam.ParDo(CaptionFilter(config, has_captions)))
         if not config.dedup_input:
             return checked
         live, done = checked | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)

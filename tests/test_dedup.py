@@ -21,10 +21,9 @@ from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
 from paircurate.transforms.dedup import DeduplicateImages, hash_record
 from paircurate.transforms.phash import (ENTRY_BYTES, bucket_entries, bucket_pairs, bucket_partition,
-                                         candidate_pairs, choose_representative,
-                                         connected_components, content_sha256, default_blocks,
-                                         hamming, hash_hex, hash_int, information, key_masks,
-                                         near_pairs, perceptual_hash, rank)
+                                         content_sha256, default_blocks, hamming, hash_hex, hash_int,
+                                         information, key_masks, near_pairs, perceptual_hash, rank)
+from oracles import candidate_pairs, choose_representative, connected_components
 
 K = 6
 

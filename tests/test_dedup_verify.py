@@ -183,7 +183,7 @@ def test_near_edges_catch_smooth_copies_and_flips_and_keep_distinct_skies_apart(
             _sig("sky-flip", ImageOps.mirror(sky(5))), _sig("sky-bright", COPIES["bright_+12"](sky(5))),
             _sig("other-sky", sky(6, top=(200, 120, 60))), _sig("scene", scene(1)),
             _sig("scene-flip", jpeg(ImageOps.mirror(scene(1)), 75))]
-    from paircurate.transforms.phash import connected_components
+    from oracles import connected_components
 
     clusters = connected_components([s[0] for s in sigs], near_edges(sigs, DedupConfig()))
     assert len({clusters[u] for u in ("sky", "sky-q40", "sky-flip", "sky-bright")}) == 1

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -122,16 +122,47 @@ class DedupConfig:
 
 _NS = "dedup"
 
-#: (uid, rank, image_sha256 or None, phash int or None, low_information, near entries)
-#: near entries: phash.near_entries() bytes (b"" for flat images; None when unknown, e.g.
-#: a ledger from before near_signature: then the pHash is the entry, unverified).
-Sig = Tuple[str, Rank, Optional[str], Optional[int], bool, Optional[bytes]]
-#: One entry of the near search: (node_key(rank), flags, thumbnail), keyed by its search hash.
-Entry = Tuple[bytes, int, bytes]
-#: (why: "phash" | "smooth" | "flip", Hamming distance of the search hashes, verification distance)
-EdgeNote = Tuple[str, int, float]
+# Signatures and entries cross shuffles as plain tuples (Beam's coder would pickle a
+# NamedTuple, class name included, in every element); code that reads their fields
+# names them first: Sig(*element), Entry(*element).
+
+
+class Sig(NamedTuple):
+    """An image's dedup signature."""
+
+    uid: str
+    rank: Rank
+    image_sha256: Optional[str]
+    phash: Optional[int]
+    low_information: bool
+    #: phash.near_entries() bytes (b"" for flat images; None when unknown, e.g. a ledger from
+    #: before near_signature: then the pHash is the entry, unverified).
+    near: Optional[bytes]
+
+
+class Entry(NamedTuple):
+    """One entry of the near search, keyed by its search hash."""
+
+    node: bytes       # node_key(rank): the image
+    flags: int        # phash.MIRRORED, phash.SMOOTH
+    thumbnail: bytes  # for verification (b"": none, the pair is not verified)
+
+
+class EdgeNote(NamedTuple):
+    """Why two images are near duplicates, and how near."""
+
+    why: str          # "phash" | "smooth" | "flip"
+    distance: int     # Hamming distance of the search hashes
+    verify: float     # verification distance of the thumbnails
+
+
 #: (uid, (status, duplicate_of, error))
 Decision = Tuple[str, Tuple[str, str, str]]
+
+
+def is_history(rank_: Rank) -> bool:
+    """A signature from an earlier run's ledger (phash.rank puts those first)."""
+    return rank_[0] == 0
 
 
 # --------------------------------------------------------------------------- pure record steps
@@ -170,48 +201,53 @@ def _near_bytes(text: Optional[str]) -> Optional[bytes]:
 
 def record_signature(record: Dict[str, Any]) -> Sig:
     phash = record.get("phash")
-    return (record["uid"],
-            rank(record["uid"], record.get("original_width"), record.get("original_height")),
-            record.get("image_sha256"), hash_int(phash) if phash else None,
-            bool(record.get("low_information")), _near_bytes(record.get("near_signature")))
+    return Sig(record["uid"],
+               rank(record["uid"], record.get("original_width"), record.get("original_height")),
+               record.get("image_sha256"), hash_int(phash) if phash else None,
+               bool(record.get("low_information")), _near_bytes(record.get("near_signature")))
 
 
 def history_signature(row: Dict[str, Any]) -> Sig:
     phash = row.get("phash")
-    return (row["uid"], rank(row["uid"], 0, 0, history=True), row.get("image_sha256"),
-            hash_int(phash) if phash else None, bool(row.get("low_information")),
-            _near_bytes(row.get("near_signature")))
+    return Sig(row["uid"], rank(row["uid"], 0, 0, history=True), row.get("image_sha256"),
+               hash_int(phash) if phash else None, bool(row.get("low_information")),
+               _near_bytes(row.get("near_signature")))
 
 
-def near_entries_of(sig: Sig) -> List[Tuple[int, Entry]]:
+def plain(value: tuple) -> tuple:
+    """A NamedTuple as the plain tuple it crosses shuffles as."""
+    return tuple(value)
+
+
+def near_entries_of(sig: tuple) -> List[Tuple[int, tuple]]:
     """(search hash, (node_key(rank), flags, thumbnail)) for each entry of a signature.
 
     Low-information (flat) images have none.  A signature without
     near_signature (an older ledger, hand-made records) has its pHash as its
     one entry, without a thumbnail: its pairs are not verified.
     """
-    _, rank_, _, phash, low, near = sig
-    if low:
+    sig = Sig(*sig)
+    if sig.low_information:
         return []
-    node = node_key(rank_)
-    if near is None:
-        return [(phash, (node, 0, b""))] if phash is not None else []
-    return [(search, (node, flags, thumb)) for flags, search, thumb in split_entries(near)]
+    node = node_key(sig.rank)
+    if sig.near is None:
+        return [(sig.phash, (node, 0, b""))] if sig.phash is not None else []
+    return [(search, (node, flags, thumb)) for flags, search, thumb in split_entries(sig.near)]
 
 
 def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
     """Why two entries are near duplicates (the signal that found them) and how near they are."""
-    if (a[1] ^ b[1]) & MIRRORED:
+    if (a.flags ^ b.flags) & MIRRORED:
         why = "flip"
-    elif (a[1] | b[1]) & SMOOTH:
+    elif (a.flags | b.flags) & SMOOTH:
         why = "smooth"
     else:
         why = "phash"
-    distance = verify_distance(a[2], b[2]) if a[2] and b[2] else 0.0
-    return why, hamming(search_a, search_b), round(distance, 3)
+    distance = verify_distance(a.thumbnail, b.thumbnail) if a.thumbnail and b.thumbnail else 0.0
+    return EdgeNote(why, hamming(search_a, search_b), round(distance, 3))
 
 
-def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]], search_a: int,
+def verified_edges(group_a: Iterable[tuple], group_b: Optional[Iterable[tuple]], search_a: int,
                    search_b: int, config: DedupConfig, max_comparisons: Optional[int] = None,
                    with_nodes: bool = False) -> Tuple[List[Tuple[bytes, bytes, EdgeNote]], List]:
     """Verified pairs between two groups of entries (or within one, when group_b is None).
@@ -221,20 +257,21 @@ def verified_edges(group_a: Iterable[Entry], group_b: Optional[Iterable[Entry]],
     Entries of one image (both orientations) never pair with each other.
     ``max_comparisons`` bounds the pairs looked at (like a hot bucket's window).
     """
-    a = sorted(group_a)  # a fixed order: the bounded window below must not depend on the runner
+    # A fixed order: the bounded window below must not depend on the runner.
+    a = sorted(Entry(*entry) for entry in group_a)
     pairs = (itertools.combinations(a, 2) if group_b is None
-             else itertools.product(a, sorted(group_b)))
+             else itertools.product(a, sorted(Entry(*entry) for entry in group_b)))
     if max_comparisons is not None:
         pairs = itertools.islice(pairs, max_comparisons)
     accepted, rejected = [], []
     for x, y in pairs:
-        if x[0] == y[0]:
+        if x.node == y.node:
             continue
         note = edge_note(x, y, search_a, search_b)
-        if not config.verify or note[2] <= config.verify_max_distance:
-            accepted.append((min(x[0], y[0]), max(x[0], y[0]), note))
+        if not config.verify or note.verify <= config.verify_max_distance:
+            accepted.append((min(x.node, y.node), max(x.node, y.node), note))
         else:
-            rejected.append((x[0], y[0], note) if with_nodes else note)
+            rejected.append((x.node, y.node, note) if with_nodes else note)
     return accepted, rejected
 
 
@@ -257,25 +294,26 @@ def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]
     return record
 
 
-def sha_keyed(sig: Sig) -> Tuple[bytes, Sig]:
+def sha_keyed(sig: tuple) -> Tuple[bytes, tuple]:
     """(sha256 as bytes, the signature without it): the exact step's shuffle carries the digest once."""
-    uid, rank_, sha, phash, low, near = sig
+    sig = Sig(*sig)
+    sha = sig.image_sha256
     try:
         key = bytes.fromhex(sha) if sha else b""
     except ValueError:  # not hex (a hand-made history ledger): the text itself is the key
         key = sha.encode("utf-8")
-    return key, (uid, rank_, None, phash, low, near)
+    return key, plain(sig._replace(image_sha256=None))
 
 
-def exact_group(sigs: Iterable[Sig]) -> Tuple[Sig, Iterable[Decision]]:
+def exact_group(sigs: Iterable[tuple]) -> Tuple[tuple, Iterable[Decision]]:
     """The best signature of one sha256 group, and duplicate_exact for the live others.
 
     ``sigs`` is iterated twice (a GroupByKey result may be, and is not held in memory).
     """
-    best = min(sigs, key=lambda s: s[1])
-    decisions = ((s[0], (Status.DUPLICATE_EXACT.value, best[0], "exact"))
-                 for s in sigs if s[1] != best[1] and s[1][0] == 1)
-    return best, decisions
+    best = min((Sig(*s) for s in sigs), key=lambda s: s.rank)
+    decisions = ((s.uid, (Status.DUPLICATE_EXACT.value, best.uid, "exact"))
+                 for s in (Sig(*s) for s in sigs) if s.rank != best.rank and not is_history(s.rank))
+    return plain(best), decisions
 
 
 def near_edges(sigs: List[Sig], config: DedupConfig) -> List[Tuple[str, str]]:
@@ -333,7 +371,7 @@ def pack_note(note: EdgeNote) -> int:
 
 
 def unpack_note(packed: int) -> EdgeNote:
-    return _WHY[packed & 3], (packed >> 2) & 255, (packed >> 10) / 1000
+    return EdgeNote(_WHY[packed & 3], (packed >> 2) & 255, (packed >> 10) / 1000)
 
 
 def near_decision(node: bytes, label: bytes, note: int) -> List[Decision]:
@@ -342,11 +380,16 @@ def near_decision(node: bytes, label: bytes, note: int) -> List[Decision]:
     The error names the signal of the image's nearest verified pair and its
     distances: ``near: phash distance=4 verify=0.31`` (``smooth``, ``flip``).
     """
-    if label == node or node[0] != 1:
+    if label == node or node[0] != 1:  # the representative, or an image of an earlier run
         return []
     why, distance, verify = unpack_note(note)
     return [(node_uid(node), (Status.DUPLICATE_NEAR.value, node_uid(label),
                               f"near: {why} distance={distance} verify={verify:.2f}"))]
+
+
+def _keyed_by_target(decision: Decision) -> Tuple[str, Decision]:
+    _uid, (_status, duplicate_of, _error) = decision
+    return duplicate_of, decision
 
 
 def resolve_exact(element) -> Iterator[Decision]:
@@ -465,7 +508,7 @@ class _VerifyFn(beam.DoFn):
         self._accepted.inc(len(accepted))
         self._rejected.inc(len(rejected))
         for a, b, note in rejected:
-            self._nearest.update(int(note[2] * 1000))
+            self._nearest.update(int(note.verify * 1000))
             yield beam.pvalue.TaggedOutput("rejected", rejected_pair(a, b, note))
         for a, b, note in accepted:
             yield a, b, pack_note(note)
@@ -524,6 +567,11 @@ class _UpdateFn(beam.DoFn):
         yield node, (best, neighbours, changed, note)
 
 
+def _decide_near(node: bytes, state: tuple) -> List[Decision]:
+    label, _neighbours, _changed, note = state
+    return near_decision(node, label, note)
+
+
 def _join(element):
     _, grouped = element
     decisions = list(grouped["decision"])
@@ -577,7 +625,7 @@ class DedupDecisions(beam.PTransform):
             # An exact group's best image may itself be a near duplicate: its copies
             # then point at the cluster's representative, the image that is kept.
             exact_decisions = (metered_cogroup(
-                {"exact": exact_decisions | "ByTarget" >> beam.Map(lambda d: (d[1][1], d)),
+                {"exact": exact_decisions | "ByTarget" >> beam.Map(_keyed_by_target),
                  "near": near}, "JoinExactNear")
                 | "Resolve" >> beam.FlatMap(resolve_exact))
         outputs = [pc for pc in (exact_decisions, near) if pc is not None]
@@ -634,8 +682,7 @@ class _NearDecisions(beam.PTransform):
             counter = "unconverged_nodes" if round_ == config.cluster_rounds - 1 else "label_changes"
             state = (metered_group(state | f"Send{round_}" >> beam.FlatMap(_send), f"Gather{round_}")
                      | f"Update{round_}" >> beam.ParDo(_UpdateFn(counter)))
-        return state | "DecideNear" >> beam.FlatMapTuple(
-            lambda node, s: near_decision(node, s[0], s[3]))
+        return state | "DecideNear" >> beam.FlatMapTuple(_decide_near)
 
 
 class HashImages(beam.PTransform):
@@ -683,14 +730,14 @@ class DeduplicateImages(beam.PTransform):
         hashed = records | "Hash" >> beam.ParDo(_HashFn(config))
         live = hashed | "Live" >> beam.Filter(is_live)
         others = hashed | "NotLive" >> beam.Filter(lambda r: not is_live(r))
-        sigs = live | "Signature" >> beam.Map(record_signature)
+        sigs = live | "Signature" >> beam.Map(lambda r: plain(record_signature(r)))
         history = self._history
         if history is None and config.history:
             history = records.pipeline | "ReadHistory" >> ReadHistory(config.history)
         if history is not None:
             history_sigs = (history
                             | "HistoryOk" >> beam.Filter(lambda r: r.get("status") == Status.OK.value)
-                            | "HistorySignature" >> beam.Map(history_signature))
+                            | "HistorySignature" >> beam.Map(lambda r: plain(history_signature(r))))
             sigs = (sigs, history_sigs) | "WithHistory" >> beam.Flatten()
         decisions = sigs | "Decide" >> DedupDecisions(config, self._rejected_path)
         # Records cross this shuffle packed, and slim: image bytes are in staging by now

@@ -63,7 +63,7 @@ import io
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -349,10 +349,6 @@ def rank(uid: str, width: Optional[int], height: Optional[int], history: bool = 
     return (0 if history else 1, -pixels, uid)
 
 
-def choose_representative(ranks: Iterable[Rank]) -> Rank:
-    return min(ranks)
-
-
 # --------------------------------------------------------------------------- candidate pairs
 
 def hamming(a: int, b: int) -> int:
@@ -380,11 +376,6 @@ def key_masks(bits: int, blocks: int, max_distance: int) -> np.ndarray:
     masks = [sum(block_masks[j] for j in chosen)
              for chosen in itertools.combinations(range(blocks), blocks - max_distance)]
     return np.array(masks, dtype=np.uint64)
-
-
-def block_keys(value: int, masks: Sequence[int]) -> List[Tuple[int, int]]:
-    """(key index, hash masked to the key's blocks) for one hash: its buckets."""
-    return [(i, value & int(mask)) for i, mask in enumerate(masks)]
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -483,53 +474,6 @@ def near_pairs(distinct: np.ndarray, max_distance: int, bits: int = 64,
     masks = key_masks(bits, blocks or default_blocks(max_distance, bits), max_distance)
     keys, tiled, _ = bucket_entries(distinct, masks)
     return bucket_pairs(keys, tiled, masks, max_distance, max_comparisons)
-
-
-def candidate_pairs(hashes: Sequence[int], max_distance: int, bits: int = 64,
-                    blocks: Optional[int] = None, max_comparisons: Optional[int] = None
-                    ) -> List[Tuple[int, int]]:
-    """Index pairs (i < j) of ``hashes`` within max_distance (identical hashes collapsed first)."""
-    values = np.asarray([int(h) for h in hashes], dtype=np.uint64)
-    distinct, inverse = np.unique(values, return_inverse=True)
-    members: Dict[int, List[int]] = {}
-    for index, slot in enumerate(inverse.tolist()):
-        members.setdefault(slot, []).append(index)
-    pairs = set()
-    for indices in members.values():  # identical hashes: distance 0
-        pairs.update(itertools.combinations(indices, 2))
-    value_pairs, _ = near_pairs(distinct, max_distance, bits, blocks, max_comparisons)
-    slot_of = {int(v): s for s, v in enumerate(distinct.tolist())}
-    for a, b in value_pairs.tolist():
-        for i in members[slot_of[a]]:
-            for j in members[slot_of[b]]:
-                pairs.add((min(i, j), max(i, j)))
-    return sorted(pairs)
-
-
-# --------------------------------------------------------------------------- clusters
-
-def connected_components(nodes: Iterable, edges: Iterable[Tuple]) -> Dict:
-    """node -> smallest node of its component (union-find; the in-memory reference)."""
-    parent = {node: node for node in nodes}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in edges:
-        parent.setdefault(a, a)
-        parent.setdefault(b, b)
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {node: find(node) for node in parent}
-
-
-def expected_bucket_size(items: float, bits: int, blocks: int, max_distance: int) -> float:
-    """Mean bucket size for uniformly spread hashes (for the sizing notes and benchmarks)."""
-    return items / 2 ** (bits * (blocks - max_distance) / blocks)
 
 
 def keys_per_hash(blocks: int, max_distance: int) -> int:

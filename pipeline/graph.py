@@ -18,7 +18,7 @@ from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards
 
 @dataclass
 class OutputLayout:
-    """Where a run writes (DESIGN.md, Outputs)."""
+    """Where a run writes (README, The output folder)."""
     root: str
 
     @property

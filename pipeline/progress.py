@@ -1,11 +1,12 @@
 """Progress of a run: workers tally in memory, files carry the tallies, the launcher sums them.
 
-Every worker process keeps one in-memory tally per run (``tally(folder)``):
-counts such as ``read/rows``, ``fetch/ok``, ``fetch/http_404`` or
-``ledger/ok``, raised by one dictionary increment per record.  A timer thread
-rewrites the process's file, ``OUT/_work/progress/worker-<host>-<pid>-<token>.json``,
-every FLUSH_SECONDS when something changed (complete, then renamed, through
-Beam's FileSystems on object stores), and once more when the process exits.
+Every worker process keeps one in-memory tally per run (``tally(folder)``, in
+paircurate.transforms.tally, the stages' side): counts such as ``read/rows``,
+``fetch/ok``, ``fetch/http_404`` or ``ledger/ok``, raised by one dictionary
+increment per record.  A timer thread rewrites the process's file,
+``OUT/_work/progress/worker-<host>-<pid>-<token>.json``, every FLUSH_SECONDS when
+something changed (complete, then renamed, through Beam's FileSystems on object
+stores), and once more when the process exits.
 The launcher (``Reporter``) sums the files for the live display and keeps a
 timeline of the sums (``timeline.json``, with ``plan.json``: the input's size);
 ``paircurate status OUT`` reads the same files from another terminal.  The

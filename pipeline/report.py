@@ -36,24 +36,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from paircurate.transforms.schema import STATUS_ORDER
+from paircurate.transforms.schema import STATUS_LABELS, STATUS_ORDER
 from paircurate.transforms.files import IMAGE_EXTENSIONS, iter_shard, read_json
 
 REPORT_NAME = "report.html"
-#: Stage that gives each status, in STATUS_ORDER (the funnel's rows).
-STAGE_OF_STATUS: Dict[str, str] = {
-    "invalid_input": "validate",
-    "caption_filtered": "caption prefilter",
-    "duplicate_input": "input dedup",
-    "fetch_failed": "fetch",
-    "disallowed": "fetch (opt-out header)",
-    "blocked_address": "fetch (address check)",
-    "decode_failed": "decode/resize",
-    "size_filtered": "decode/resize",
-    "duplicate_exact": "exact image dedup",
-    "duplicate_near": "near image dedup",
-    "clip_filtered": "CLIP filter",
-}
+#: Each status's row label in the funnel: the status registry's (transforms/schema.py).
+STAGE_OF_STATUS: Dict[str, str] = dict(STATUS_LABELS)
 #: Statuses whose duplicate_of points at an image-dedup cluster representative.
 IMAGE_DUPLICATE_STATUSES = ("duplicate_exact", "duplicate_near")
 #: Bounds on what the page samples.

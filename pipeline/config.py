@@ -23,7 +23,8 @@ from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.fetch import FetchConfig
 from paircurate.transforms.read import InputConfig
 from paircurate.transforms.resize import ImageConfig
-from paircurate.transforms.settings import NON_NEGATIVE, Bounds, ConfigError, check_values, setting
+from paircurate.transforms.settings import (NON_NEGATIVE, Bounds, ConfigError, check_values, declared, sections,
+                                             setting)
 from paircurate.transforms.validate import FilterConfig
 from paircurate.transforms.write import OutputConfig
 
@@ -171,19 +172,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 RANGES: Dict[str, Bounds] = {}
 CHOICES: Dict[str, Sequence[str]] = {}
 for _section in dataclasses.fields(Config):
-    for _item in dataclasses.fields(_section.default_factory):
+    for _key, _item in declared(_section.name, _section.default_factory):
         if "bounds" in _item.metadata:
-            RANGES[f"{_section.name}.{_item.name}"] = _item.metadata["bounds"]
+            RANGES[_key] = _item.metadata["bounds"]
         if "choices" in _item.metadata:
-            CHOICES[f"{_section.name}.{_item.name}"] = _item.metadata["choices"]
+            CHOICES[_key] = _item.metadata["choices"]
 
 
 def validate(config: Config) -> None:
     """Ranges and choices of single keys, then each section's checks that involve several keys."""
-    sections = [(item.name, getattr(config, item.name)) for item in dataclasses.fields(config)]
-    for name, section in sections:
+    every = [found for item in dataclasses.fields(config)
+             for found in sections(item.name, getattr(config, item.name))]
+    for name, section in every:
         check_values(name, section)
-    for _, section in sections:
+    for _, section in every:
         check = getattr(section, "check", None)
         if check is not None:
             check()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 
 class ConfigError(ValueError):
@@ -58,10 +58,31 @@ def setting(default: Any = dataclasses.MISSING, bounds: Optional[Bounds] = None,
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def sections(name: str, section: Any) -> Iterator[Tuple[str, Any]]:
+    """(name, section) for a section and, depth first, the sections nested in it (dedup.semantic)."""
+    yield name, section
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from sections(f"{name}.{item.name}", value)
+
+
+def declared(name: str, section_type: type) -> Iterator[Tuple[str, dataclasses.Field]]:
+    """(dotted key, field) for every setting of a section type, nested sections' included."""
+    for item in dataclasses.fields(section_type):
+        factory = item.default_factory
+        if dataclasses.is_dataclass(factory) and isinstance(factory, type):
+            yield from declared(f"{name}.{item.name}", factory)
+        else:
+            yield f"{name}.{item.name}", item
+
+
 def check_values(section_name: str, section: Any) -> None:
     """Refuse a value outside its declared bounds or choices (an unset Optional, None, passes)."""
     for item in dataclasses.fields(section):
         key, value = f"{section_name}.{item.name}", getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            continue  # a nested section: checked on its own (sections())
         bounds = item.metadata.get("bounds")
         if bounds is not None and value is not None and not bounds.allows(value):
             finite = "" if math.isfinite(value) else ", a finite number"

@@ -15,6 +15,9 @@ A live record without a caption (input lists without a caption column) has
 nothing to score: it keeps clip_score None and is not filtered.  Non-live
 records pass through untouched.  Model, tokenizer and transform live in
 clip_model.py; this module holds the filter arithmetic and the Beam wrapper.
+Zero-shot tags and trained heads (clip_tags.py) are computed in the same
+batch from the same image embeddings; ``clip.tag_max`` marks tag_filtered
+after the score filter.
 """
 from __future__ import annotations
 

@@ -384,3 +384,19 @@ def test_score_command_applies_tag_max(tmp_path):
         keys = {n.split(".")[0] for n in tar.getnames()}
     assert keys == {r["uid"] for r in tagged if r["status"] == "ok"}
     assert stats["clip_threshold"] is None  # no score filter: no score threshold
+
+
+def test_head_mismatch_on_the_command_line_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from paircurate.cli import cli
+
+    os.makedirs(tmp_path / "in")
+    write_webdataset(tmp_path / "in" / "a.tar", 2)
+    path = save(torch.nn.Linear(768, 1), tmp_path / "vit-l.pt")
+    result = CliRunner().invoke(cli, ["score", "--input", str(tmp_path / "in" / "*.tar"),
+                                      "--output", str(tmp_path / "out"), "--set", f"clip.model_config={TINY}",
+                                      "--set", "clip.pretrained=none", "--set", "clip.device=cpu",
+                                      "--set", "clip.heads={aesthetic: %s}" % path])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "size 768" in result.output and "size 64" in result.output and path in result.output

@@ -133,6 +133,10 @@ def test_head_trained_on_the_fly_loads_and_matches_torch(tmp_path, suffix, kind)
     sigmoid = clip_tags.build_head(clip_tags.HeadSpec("h", path, activation="sigmoid"), 64)
     with torch.no_grad():
         assert torch.abs(sigmoid(x) - torch.sigmoid(module(x))).max().item() < 1e-4
+    if kind == "linear":  # a bare nn.Linear's state dict: keys "weight" and "bias"
+        bare = clip_tags.build_head(clip_tags.HeadSpec("h", save(module[0], tmp_path / f"bare{suffix}")), 64)
+        with torch.no_grad():
+            assert torch.abs(bare(x) - module(x)).max().item() < 1e-4
 
 
 def test_laion_style_mlp_without_hidden_activations_keeps_layer_order(tmp_path):

@@ -6,6 +6,7 @@ hour of downloading.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -128,6 +129,20 @@ class DedupConfig:
     cluster_rounds: int = 8
 
 
+#: clip.tags' default: zero-shot tags in the spirit of LAION-400M's CLIP-based tagging (README,
+#: "Tags and heads"): as many positive as negative prompts, so neither side starts ahead.
+DEFAULT_TAGS: Dict[str, Any] = {
+    "unsafe": {"positive": ["a photo containing nudity", "an explicit sexual image",
+                            "a pornographic picture", "a photo of graphic violence and gore"],
+               "negative": ["a safe for work photo", "a photo of people wearing clothes",
+                            "an ordinary everyday picture", "a family friendly image"]},
+    "watermark": {"positive": ["a photo with a watermark", "an image with a text overlay logo",
+                               "a stock photo with a watermark across it"],
+                  "negative": ["a photo without a watermark", "a clean image with no text or logo",
+                               "a photo with no overlay"]},
+}
+
+
 @dataclass
 class ClipConfig:
     enabled: bool = True
@@ -153,6 +168,13 @@ class ClipConfig:
     cache_dir: Optional[str] = None
     # Serve one model per machine to all worker processes (Beam multi_process_shared).
     share_model_across_processes: bool = False
+    # Zero-shot tags: name -> {positive: [prompts], negative: [prompts]}; each scored pair gets
+    # tag_<name>, the softmax probability of the positive prompts ({}: no tags).
+    tags: Dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_TAGS))
+    # Tag filters: name -> highest probability kept; above it -> tag_filtered.
+    tag_max: Dict[str, float] = field(default_factory=dict)
+    # Trained heads on the image embedding: name -> {path, activation: none|sigmoid, hidden: relu|none}.
+    heads: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -413,6 +435,8 @@ def validate(config: Config) -> None:
     clip = config.clip
     if clip.min_score is not None and clip.keep_fraction is not None:
         raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
+    from paircurate.transforms.clip_tags import check_config as check_tags_and_heads
+    check_tags_and_heads(clip)
     dedup = config.dedup
     if dedup.near and dedup.hash_size > 8:
         raise ConfigError("dedup.hash_size must be at most 8 (64-bit hashes) for near-duplicate search")

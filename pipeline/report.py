@@ -53,6 +53,7 @@ STAGE_OF_STATUS: Dict[str, str] = {
     "duplicate_exact": "exact image dedup",
     "duplicate_near": "near image dedup",
     "clip_filtered": "CLIP filter",
+    "tag_filtered": "CLIP tag filter",
 }
 #: Statuses whose duplicate_of points at an image-dedup cluster representative.
 IMAGE_DUPLICATE_STATUSES = ("duplicate_exact", "duplicate_near")

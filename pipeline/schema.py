@@ -8,7 +8,7 @@ row, and ``status == "ok"`` exactly for the samples in the shards.
 from __future__ import annotations
 
 import enum
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
@@ -28,6 +28,7 @@ class Status(str, enum.Enum):
     DUPLICATE_EXACT = "duplicate_exact"
     DUPLICATE_NEAR = "duplicate_near"
     CLIP_FILTERED = "clip_filtered"
+    TAG_FILTERED = "tag_filtered"
 
     def __str__(self) -> str:  # so f-strings and JSON give the plain value
         return self.value
@@ -66,15 +67,21 @@ LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 
 #: Transient fields that travel with a record between stages but never reach
 #: the ledger (image bytes stay out of the ledger by construction).
-TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref")
+TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref", "clip_columns")
+#: The CLIP stage's own columns (tag_<name>, head_<name>, from clip.tags / clip.heads) travel in
+#: the record's "clip_columns" dict and follow clip_score in the ledger (ledger_schema).
+CLIP_COLUMN_PREFIXES = ("tag_", "head_")
 
 #: Prefix given to input columns whose names clash with ledger columns.
 CLASH_PREFIX = "input_"
 
 
-def ledger_schema(carried: Optional[pa.Schema] = None) -> pa.Schema:
-    """The ledger schema: core columns, then the input's carried columns."""
+def ledger_schema(carried: Optional[pa.Schema] = None, clip_columns: Sequence[str] = ()) -> pa.Schema:
+    """The ledger schema: core columns (the CLIP stage's float32 columns after clip_score), then
+    the input's carried columns."""
     fields = list(LEDGER_FIELDS)
+    after = LEDGER_COLUMNS.index("clip_score") + 1
+    fields[after:after] = [pa.field(name, pa.float32()) for name in clip_columns]
     if carried is not None:
         fields.extend(carried)
     return pa.schema(fields)
@@ -82,7 +89,9 @@ def ledger_schema(carried: Optional[pa.Schema] = None) -> pa.Schema:
 
 def carried_name(name: str) -> str:
     """Name under which an input column is carried into the ledger."""
-    return CLASH_PREFIX + name if name in LEDGER_COLUMNS or name in TRANSIENT_FIELDS else name
+    clashes = (name in LEDGER_COLUMNS or name in TRANSIENT_FIELDS
+               or name.startswith(CLIP_COLUMN_PREFIXES))  # tag_/head_: the CLIP stage's columns
+    return CLASH_PREFIX + name if clashes else name
 
 
 def new_record(uid: str, url: Any, caption: Any, source: str, position: int,
@@ -138,9 +147,13 @@ def unpack_record(packed: bytes) -> Dict[str, Any]:
 _RECORD_CODER = _record_coder()
 
 
-def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str]) -> Dict[str, Any]:
-    """The ledger row of a record: core columns plus carried input columns."""
+def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str],
+               clip_columns: Iterable[str] = ()) -> Dict[str, Any]:
+    """The ledger row of a record: core columns, the CLIP stage's columns, carried input columns."""
     row = {name: record.get(name) for name in LEDGER_COLUMNS}
+    computed = record.get("clip_columns") or {}
+    for name in clip_columns:
+        row[name] = computed.get(name)  # None: not scored
     extra = record.get("extra") or {}
     for name in carried_names:
         row[name] = extra.get(name)

@@ -306,6 +306,10 @@ def model_description(config: ClipConfig) -> Dict[str, Any]:
                    else "keep_fraction" if config.keep_fraction is not None else "none"),
         "min_score": config.min_score,
         "keep_fraction": config.keep_fraction,
+        "tags": {name: dict(spec) for name, spec in config.tags.items()},
+        "tag_max": dict(config.tag_max),
+        "heads": {name: dict(spec) if isinstance(spec, dict) else {"path": spec}
+                  for name, spec in config.heads.items()},
     }
     return desc
 
@@ -484,6 +488,8 @@ class ScoredBatch:
     image_embeddings: Optional[np.ndarray] = None
     text_embeddings: Optional[np.ndarray] = None
     timings: Optional[Dict[str, float]] = None
+    # tag_<name> / head_<name> -> float32 values (clip_tags.TagsAndHeads); None without tags or heads.
+    columns: Optional[Dict[str, np.ndarray]] = None
 
 
 class LoadedClip:
@@ -547,6 +553,10 @@ class LoadedClip:
         self.description = dict(r.description, device=self.device,
                                 embed_dim=int(model.text_projection.shape[-1])
                                 if getattr(model, "text_projection", None) is not None else None)
+        from paircurate.transforms.clip_tags import tags_and_heads  # prompts encoded once, heads loaded
+        self.tags_and_heads = tags_and_heads(
+            config, model, self.tokenizer, self.device,
+            self.description["embed_dim"] or getattr(model.visual, "output_dim", None), r.name)
 
     # -- image preparation (CPU threads) --
 
@@ -728,6 +738,8 @@ class LoadedClip:
             t3 = time.perf_counter()
             scores_np = scores.cpu().numpy().astype(np.float32)
             result = ScoredBatch(scores_np, errors)
+            if self.tags_and_heads is not None:
+                result.columns = self.tags_and_heads.columns(image_emb)
             if embeddings:
                 result.image_embeddings = image_emb.half().cpu().numpy()
                 result.text_embeddings = text_emb.half().cpu().numpy()

@@ -156,8 +156,13 @@ class _Elements(HTMLParser):
         super().__init__()
         self.elements = []
 
+        self.text = ""
+
     def handle_starttag(self, tag, attrs):
         self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text += data
 
     def with_attr(self, name):
         return [attrs for _, attrs in self.elements if name in attrs]
@@ -282,10 +287,11 @@ def test_report_is_self_contained_and_escapes_captions(finished):
                 assert value.startswith("data:") or value.startswith("#"), (tag, name, value[:60])
     assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == ["clip-histogram", "cluster-sizes"]
     assert "<b>bold</b>" not in text
-    escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot; &lt;script&gt;alert(1)&lt;/script&gt; caption"
-    assert escaped in report._tile({"key": "k", "caption": HOSTILE_CAPTION, "image": None}, "kept")
+    # Autoescaped: the caption is text of the page, its markup characters entities.
+    escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &#34;quoted&#34; &lt;script&gt;alert(1)&lt;/script&gt; caption"
     (hostile,) = [r for r in read_ledger(out) if r["caption"] == HOSTILE_CAPTION]
     assert hostile["status"] in ("ok", "clip_filtered") and hostile["uid"] in text and escaped in text
+    assert HOSTILE_CAPTION in page.text
 
 
 def test_report_summary_does_not_depend_on_batching(finished):
@@ -314,7 +320,7 @@ def test_read_samples_is_bounded(finished):
 
 def test_report_without_matplotlib_keeps_tables(finished, tmp_path, monkeypatch):
     out, _ = finished
-    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    monkeypatch.setattr(report.plots, "_matplotlib", lambda: None)
     page = report.build_report(out)
     assert "matplotlib is not installed" in page
     assert 'class="plot"' not in page and 'id="clip-hist-table"' in page and 'id="funnel-table"' in page

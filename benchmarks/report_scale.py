@@ -3,12 +3,12 @@
 Writes an output folder holding a synthetic ledger of N rows (every status,
 error classes, CLIP scores, duplicate clusters, and the columns of the
 language, tag/head and semantic-dedup stages: caption_language,
-caption_language_score, tag_*, head_*), a stats.json that matches it and two
-small shards, then times build_report() over a few rounds (after one warm-up)
-and prints the median wall and CPU time (CPU time
-is steadier on a shared machine).  Not part of the tests.
+caption_language_score, tag_*, head_*; --without-newer leaves those out), a
+stats.json that matches it and two small shards, then times build_report()
+over a few rounds after one warm-up and prints the median wall and CPU time
+(CPU time is steadier on a shared machine).  Not part of the tests.
 
-    .venv/bin/python benchmarks/report_scale.py --rows 50000 --rounds 3
+    .venv/bin/python benchmarks/report_scale.py --rows 50000 --rounds 5 [--without-newer]
 """
 from __future__ import annotations
 
@@ -41,9 +41,13 @@ LANGUAGES = ["en"] * 12 + ["de", "fr", "es", "it", "pt", "nl", "ja", "zh", "ru",
                            "tr", "ar", "fi", "cs", "el", "hu", None]
 
 
-def synthetic_ledger(n: int, seed: int = 0) -> pa.Table:
+NEWER_STATUSES = ("language_filtered", "tag_filtered", "duplicate_semantic")
+
+
+def synthetic_ledger(n: int, seed: int = 0, newer: bool = True) -> pa.Table:
+    """A ledger of ``n`` rows; ``newer``: with the language, tag/head and semantic-dedup stages."""
     rng = np.random.default_rng(seed)
-    names = list(STATUSES)
+    names = [s for s in STATUSES if newer or s not in NEWER_STATUSES]
     shares = np.array([STATUSES[s] for s in names])
     status = rng.choice(names, size=n, p=shares / shares.sum())
     uid = [f"{i:032x}" for i in range(n)]
@@ -72,6 +76,8 @@ def synthetic_ledger(n: int, seed: int = 0) -> pa.Table:
         "caption_language": pa.array([lang if c else None for lang, c in zip(language, captioned)], pa.string()),
         "caption_language_score": pa.array(rng.uniform(0.3, 1.0, n).astype(np.float32)),
     })
+    if not newer:
+        return table.drop_columns(["caption_language", "caption_language_score"])
     for name in ("nsfw", "watermark", "text"):
         table = table.append_column(f"tag_{name}", pa.array(rng.beta(1, 6, n).astype(np.float32), mask=~scored))
     table = table.append_column("head_aesthetic", pa.array(rng.normal(5, 1, n).astype(np.float32), mask=~scored))
@@ -93,8 +99,8 @@ def write_shard(path: str, keys, captions) -> int:
     return os.path.getsize(path)
 
 
-def write_output(folder: str, n: int) -> None:
-    table = synthetic_ledger(n)
+def write_output(folder: str, n: int, newer: bool = True) -> None:
+    table = synthetic_ledger(n, newer=newer)
     os.makedirs(os.path.join(folder, "metadata"))
     os.makedirs(os.path.join(folder, "shards"))
     half = n // 2
@@ -118,12 +124,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--without-newer", action="store_true",
+                        help="leave out the language, tag/head and semantic-dedup columns and statuses")
     args = parser.parse_args()
     from paircurate.report import build_report
 
     with tempfile.TemporaryDirectory() as base:
         folder = os.path.join(base, "out")
-        write_output(folder, args.rows)
+        write_output(folder, args.rows, newer=not args.without_newer)
         build_report(folder)  # warm-up: imports, matplotlib's font cache
         times, cpu = [], []
         for _ in range(args.rounds):

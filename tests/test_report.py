@@ -647,6 +647,14 @@ def test_report_autoescapes_everything_the_ledger_holds(tmp_path):
     assert environment().autoescape is True
 
 
+def test_new_sections_keep_their_tables_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(report.plots, "_matplotlib", lambda: None)
+    page = parse(report.build_report(hostile_output(tmp_path / "out")))
+    assert not [a for _, a in page.elements if a.get("class") == "plot"]
+    assert page.by_id("language-table") is not None and page.by_id("score-columns-table") is not None
+    assert page.by_id("clip-hist-table") is not None and "matplotlib is not installed" in page.text
+
+
 def test_report_package_builds_no_html_in_python():
     """Markup lives in the templates: no string literal in the package's Python opens an HTML tag."""
     import io

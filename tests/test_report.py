@@ -647,6 +647,19 @@ def test_report_autoescapes_everything_the_ledger_holds(tmp_path):
     assert environment().autoescape is True
 
 
+def test_language_and_score_column_figures_do_not_depend_on_batching(tmp_path):
+    out = hostile_output(tmp_path / "out")
+    columns = ["uid", "url", "caption", "status", "error", "shard", "duplicate_of", "clip_score",
+               "caption_language", "tag_unsafe", "head_aesthetic"]
+    one = report.summarise_ledger(report.iter_ledger(out, columns))
+    many = report.summarise_ledger(report.iter_ledger(out, columns, batch_rows=2))
+    assert one == many and one.languages == {"en": 3, "<script>x</script>": 1, "de": 1, None: 1}
+    assert one.score_columns["tag_unsafe"].rows == 4 and one.score_columns["tag_unsafe"].above == 1
+    a = report.collect_details(report.iter_ledger(out, columns), one, [])
+    b = report.collect_details(report.iter_ledger(out, columns, batch_rows=2), one, [])
+    assert a.score_hist == b.score_hist and sum(a.score_hist["head_aesthetic"]["counts"]) == 4
+
+
 def test_new_sections_keep_their_tables_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(report.plots, "_matplotlib", lambda: None)
     page = parse(report.build_report(hostile_output(tmp_path / "out")))

@@ -266,9 +266,10 @@ def score(input_glob: str, output: str, config_path: Optional[str], sets: Sequen
     """Rescore existing WebDataset shards with a CLIP model; write a new ledger.
 
     Reads {key}.jpg|png|webp + .txt + .json samples (paircurate's or
-    img2dataset's), downloads nothing, and writes OUTPUT/metadata (status ok or
-    clip_filtered, with clip_score) and, when clip.min_score or
-    clip.keep_fraction is set, shards of the kept samples.
+    img2dataset's), downloads nothing, and writes OUTPUT/metadata (status ok,
+    clip_filtered or tag_filtered, with clip_score and the tag_/head_ columns)
+    and, when clip.min_score, clip.keep_fraction or clip.tag_max is set,
+    shards of the kept samples.
     """
     from paircurate.score import run_score
 

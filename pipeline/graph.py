@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -111,7 +111,7 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
     if not config.dedup.enabled:
         records = records | "Stage" >> stage
     write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging,
-                  progress=watch)
+                  progress=watch, clip_columns=clip_ledger_columns(config))
 
 
 def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
@@ -127,9 +127,15 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
     return records | "ClipSlim" >> Slim() if staging else records
 
 
+def clip_ledger_columns(config: Config) -> List[str]:
+    """The ledger columns the CLIP stage adds (tag_<name>, head_<name>); none without CLIP."""
+    from paircurate.transforms.clip_tags import ledger_columns
+    return ledger_columns(config.clip)
+
+
 def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried: pa.Schema,
                   write_shards: bool = True, staging: Optional[str] = None,
-                  progress: Optional[str] = None) -> None:
+                  progress: Optional[str] = None, clip_columns: Sequence[str] = ()) -> None:
     """Live records -> shards; every record -> the ledger; plus the manifest and counts work files.
 
     Without ``write_shards`` (rescoring without a filter: the input shards stay
@@ -150,4 +156,4 @@ def write_outputs(records, layout: OutputLayout, samples_per_shard: int, carried
         (records.pipeline
          | "NoShards" >> beam.Create([None])
          | "EmptyManifest" >> beam.Map(lambda _: write_json(manifest_path, [])))
-    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, carried, progress)
+    records | "Ledger" >> WriteLedger(layout.metadata, layout.work, carried, progress, clip_columns)

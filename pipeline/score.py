@@ -2,7 +2,7 @@
 
 Reads tars of {key}.jpg|png|webp + {key}.txt + {key}.json (paircurate's or
 img2dataset's), scores every pair, and writes a new ledger (same schema as a
-run's; status ok or clip_filtered, decode_failed or invalid_input for samples
+run's; status ok, clip_filtered or tag_filtered, decode_failed or invalid_input for samples
 that cannot be scored) plus, when a filter is set, shards of the kept samples.
 Nothing is downloaded.  Without a filter no shards are written: the input
 shards stay the data and the ledger's shard column is empty.
@@ -193,14 +193,15 @@ def _normalised(path: str) -> str:
 def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool = False,
               extra_args: Tuple[str, ...] = ()) -> Dict[str, Any]:
     """Rescore WebDataset shards; write the ledger (and kept shards if a filter is set); return stats."""
-    from paircurate.graph import OutputLayout, write_outputs
+    from paircurate.graph import OutputLayout, clip_ledger_columns, write_outputs
     from paircurate.run import beam_options, claim_output, finalise, input_rows, wait_until_done
     from paircurate.transforms.clip import ScoreAndFilter
 
     if not config.clip.enabled:
         raise ConfigError("paircurate score needs clip.enabled: true (it only scores)")
     clip = config.clip
-    filtering = clip.min_score is not None or clip.keep_fraction is not None
+    score_filter = clip.min_score is not None or clip.keep_fraction is not None
+    filtering = score_filter or bool(clip.tag_max)  # rows may be dropped: write the kept ones anew
     paths = match_inputs(input_glob)
     layout = OutputLayout(output_dir)
     stage = ScoreAndFilter(clip, output_dir)  # fails fast when the weights cannot be had
@@ -222,18 +223,18 @@ def run_score(input_glob: str, output_dir: str, config: Config, overwrite: bool 
             records = records | "Stage" >> StageImages(staging, config.output.staging_segment_records,
                                                        config.output.staging_segment_bytes)
         write_outputs(records, layout, config.output.samples_per_shard, pa.schema([]),
-                      write_shards=filtering, staging=staging)
+                      write_shards=filtering, staging=staging, clip_columns=clip_ledger_columns(config))
         result = pipeline.run()
         wait_until_done(result)
         threshold = (clip.min_score if clip.min_score is not None
-                     else _ledger_threshold(layout.metadata) if filtering else None)
+                     else _ledger_threshold(layout.metadata) if score_filter else None)
         return finalise(layout, config, started, input_rows(result),
                         {"rescored_from": input_glob, "input_shards": len(paths),
                          "clip_threshold": threshold})
 
 
 def _ledger_threshold(metadata_dir: str) -> Optional[float]:
-    """The lowest score kept: the threshold the filter applied (for stats)."""
+    """The lowest score that passed: the threshold the filter applied (for stats)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -241,7 +242,9 @@ def _ledger_threshold(metadata_dir: str) -> Optional[float]:
     for meta in FileSystems.match([FileSystems.join(metadata_dir, "*.parquet")])[0].metadata_list:
         with FileSystems.open(meta.path) as handle:
             table = pq.read_table(handle, columns=["status", "clip_score"])
-        ok = table.filter(pc.equal(table["status"], Status.OK.value))["clip_score"]
+        # Tag filtering comes after the score filter: its rows passed the threshold too.
+        passed = pc.is_in(table["status"], pa.array([Status.OK.value, Status.TAG_FILTERED.value]))
+        ok = table.filter(passed)["clip_score"]
         value = pc.min(ok).as_py() if len(ok) else None
         if value is not None and (lowest is None or value < lowest):
             lowest = value

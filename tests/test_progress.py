@@ -262,13 +262,16 @@ def test_beam_bigquery_note_is_not_shown():
 # --------------------------------------------------------------------------- report and remote runners
 
 def test_report_draws_rows_per_second_over_time():
-    from paircurate.report import _timeline_table
+    from paircurate.report.render import fragment, timeline_rows
+
+    def timeline_html(stats):
+        return fragment("sections/timeline.html.j2", timeline=timeline_rows(stats))
 
     points = [[0.0, 100, 0, 0, 0], [10.0, 100, 50, 40, 0], [20.0, 100, 100, 80, 0], [30.0, 100, 100, 80, 100]]
-    html = _timeline_table({"progress": {"timeline": points}})
+    html = timeline_html({"progress": {"timeline": points}})
     rates = [float(v) for v in re.findall(r'data-rate="([0-9.]+)"', html)]
     assert rates == [5.0, 5.0, 0.0]
-    assert "No progress timeline" in _timeline_table({})
+    assert "No progress timeline" in timeline_html({})
 
 
 class FakeCounter:

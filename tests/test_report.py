@@ -4,7 +4,10 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import zipfile
 from html.parser import HTMLParser
 
 import pyarrow as pa
@@ -156,8 +159,13 @@ class _Elements(HTMLParser):
         super().__init__()
         self.elements = []
 
+        self.text = ""
+
     def handle_starttag(self, tag, attrs):
         self.elements.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text += data
 
     def with_attr(self, name):
         return [attrs for _, attrs in self.elements if name in attrs]
@@ -282,10 +290,11 @@ def test_report_is_self_contained_and_escapes_captions(finished):
                 assert value.startswith("data:") or value.startswith("#"), (tag, name, value[:60])
     assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == ["clip-histogram", "cluster-sizes"]
     assert "<b>bold</b>" not in text
-    escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot; &lt;script&gt;alert(1)&lt;/script&gt; caption"
-    assert escaped in report._tile({"key": "k", "caption": HOSTILE_CAPTION, "image": None}, "kept")
+    # Autoescaped: the caption is text of the page, its markup characters entities.
+    escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &#34;quoted&#34; &lt;script&gt;alert(1)&lt;/script&gt; caption"
     (hostile,) = [r for r in read_ledger(out) if r["caption"] == HOSTILE_CAPTION]
     assert hostile["status"] in ("ok", "clip_filtered") and hostile["uid"] in text and escaped in text
+    assert HOSTILE_CAPTION in page.text
 
 
 def test_report_summary_does_not_depend_on_batching(finished):
@@ -314,7 +323,7 @@ def test_read_samples_is_bounded(finished):
 
 def test_report_without_matplotlib_keeps_tables(finished, tmp_path, monkeypatch):
     out, _ = finished
-    monkeypatch.setattr(report, "_matplotlib", lambda: None)
+    monkeypatch.setattr(report.plots, "_matplotlib", lambda: None)
     page = report.build_report(out)
     assert "matplotlib is not installed" in page
     assert 'class="plot"' not in page and 'id="clip-hist-table"' in page and 'id="funnel-table"' in page
@@ -472,3 +481,244 @@ def test_report_renders_in_headless_chromium_without_console_errors(finished, tm
                              open(os.path.join(out, "report.html"), encoding="utf-8").read()))
     _, console = render(str(broken), str(tmp_path), "broken")
     assert console
+
+
+# --------------------------------------------------------------------------- sections of newer stages
+
+def synthetic_output(folder, rows, float32=(), stats=None):
+    """An output folder with a ledger of ``rows`` (``float32`` columns typed so) and a matching stats.json."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    types = {"clip_score": pa.float32(), **{name: pa.float32() for name in float32}}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in names])
+    os.makedirs(os.path.join(folder, "metadata"))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), os.path.join(folder, "metadata", "part-00000.parquet"))
+    by_status = dict(collections.Counter(r["status"] for r in rows))
+    with open(os.path.join(folder, "stats.json"), "w") as handle:
+        json.dump({"by_status": by_status, "ledger_rows": len(rows), "rows_in": len(rows), **(stats or {})}, handle)
+    return str(folder)
+
+
+def ledger_row(i, status="ok", **values):
+    return {"uid": f"u{i:04d}", "url": f"http://example.com/{i}.jpg", "caption": f"caption {i}",
+            "status": status, "error": None, "duplicate_of": None, "clip_score": None, **values}
+
+
+def test_funnel_labels_the_statuses_of_newer_stages():
+    steps = {s["status"]: s for s in report.funnel({"ok": 3, "language_filtered": 2, "tag_filtered": 1,
+                                                     "duplicate_semantic": 1})}
+    assert steps["language_filtered"]["stage"] == "language filter" and steps["language_filtered"]["removed"] == 2
+    assert steps["tag_filtered"]["stage"] == "CLIP tag filter"
+    assert steps["duplicate_semantic"]["stage"] == "semantic dedup"
+    assert report.funnel({"ok": 3, "language_filtered": 2})[-1]["remaining"] == 3
+
+
+def test_language_mix_lists_top_languages_then_other_then_none():
+    languages = {"en": 50, "de": 10, None: 4, **{f"x{i}": 20 - i for i in range(16)}}
+    mix = report.language_mix(languages, {"de": 3, "x15": 1, None: 4}, top=15)
+    assert [r["language"] for r in mix[:3]] == ["en", "x0", "x1"] and len(mix) == 17
+    # top 15: en, x0..x9, then the ties at 10 by code (de, x10), x11, x12; the rest is other
+    assert [r["language"] for r in mix[11:15]] == ["de", "x10", "x11", "x12"]
+    assert mix[-2] == {"language": "other", "rows": 7 + 6 + 5, "filtered": 1, "languages": 3,
+                       "share": pytest.approx(18 / sum(languages.values()))}
+    assert mix[-1]["language"] is None and mix[-1]["rows"] == 4 and mix[-1]["filtered"] == 4
+    assert sum(r["rows"] for r in mix) == sum(languages.values())
+    assert sum(r["share"] for r in mix) == pytest.approx(1.0)
+
+
+def test_report_shows_the_language_mix(tmp_path):
+    codes = ["en"] * 30 + ["de"] * 10 + [f"l{i:02d}" for i in range(17)] + [None] * 4
+    rows = [ledger_row(i, "language_filtered" if code == "de" and i % 2 else "ok", caption_language=code,
+                       caption_language_score=0.9 if code else None) for i, code in enumerate(codes)]
+    # rows ended before language detection have no language and are not counted
+    rows += [ledger_row(100, "invalid_input"), ledger_row(101, "caption_filtered")]
+    out = synthetic_output(tmp_path / "out", rows, float32=["caption_language_score"])
+    page = parse(report.build_report(out))
+    counted = len(codes)
+    assert int(page.by_id("language-rows")["data-value"]) == counted
+    assert int(page.by_id("language-filtered")["data-value"]) == 5
+    shown = {a["data-language"]: a for a in page.with_attr("data-language")}
+    assert list(shown)[:2] == ["en", "de"] and len(shown) == 15 + 2  # top 15, other, none detected
+    assert int(shown["en"]["data-rows"]) == 30 and float(shown["en"]["data-share"]) == pytest.approx(30 / counted)
+    assert int(shown["de"]["data-filtered"]) == 5 and int(shown["en"]["data-filtered"]) == 0
+    assert int(shown["other"]["data-rows"]) == 17 - 13  # 13 one-row languages fit in the top 15
+    assert int(shown["none"]["data-rows"]) == 4
+    assert sum(int(a["data-rows"]) for a in shown.values()) == counted
+    assert "none detected" in page.text and "other (4 languages)" in page.text
+    assert any(a.get("href") == "#languages" for _, a in page.elements)
+
+
+def test_report_leaves_out_sections_whose_columns_the_ledger_lacks(tmp_path):
+    out = synthetic_output(tmp_path / "out", [ledger_row(i, clip_score=0.3) for i in range(5)])
+    page = report.build_report(out)
+    for ident in ("languages", "tags", "language-table", "score-columns-table"):
+        assert f'id="{ident}"' not in page and f'href="#{ident}"' not in page
+
+
+def test_report_shows_tag_and_head_columns(tmp_path):
+    rows = []
+    for i in range(40):
+        scored = i < 30
+        status = "tag_filtered" if i in (0, 1) else ("ok" if scored else "fetch_failed")
+        rows.append(ledger_row(i, status, clip_score=0.3 if scored else None,
+                               tag_unsafe=(0.97 if i < 4 else i / 100) if scored else None,
+                               tag_watermark=(0.8 if i % 3 == 0 else 0.1) if scored else None,
+                               head_aesthetic=(4.0 + i / 10) if scored else None, tag_note="not a score"))
+    out = synthetic_output(tmp_path / "out", rows, float32=["tag_unsafe", "tag_watermark", "head_aesthetic"])
+    text = report.build_report(out)
+    page = parse(text)
+    assert int(page.by_id("tag-filtered")["data-value"]) == 2
+    shown = {a["data-score-column"]: a for a in page.with_attr("data-score-column")}
+    assert list(shown) == ["tag_unsafe", "tag_watermark", "head_aesthetic"]  # tag_note is text: no score
+    assert all(int(a["data-rows"]) == 30 for a in shown.values())
+    assert int(shown["tag_unsafe"]["data-above"]) == 4 and int(shown["tag_watermark"]["data-above"]) == 10
+    assert shown["head_aesthetic"]["data-above"] == ""  # heads have no threshold
+    hist = collections.defaultdict(dict)
+    column = None
+    for tag, attrs in page.elements:
+        if tag == "table" and "data-column" in attrs:
+            column = attrs["data-column"]
+        elif tag == "tr" and column and "data-count" in attrs:
+            hist[column][int(attrs["data-bin"])] = int(attrs["data-count"])
+    assert {name: sum(bins.values()) for name, bins in hist.items()} == {name: 30 for name in shown}
+    assert hist["tag_unsafe"][19] == 4  # 0.97: the last of 20 bins over 0..1
+    assert hist["head_aesthetic"][0] and hist["head_aesthetic"][19]  # bins span the heads' range
+    assert page.by_id("score-columns")["class"] == "plot"
+
+
+def test_clip_histogram_has_kept_and_filtered_series(tmp_path):
+    rows = [ledger_row(i, "ok", clip_score=0.30 + i / 1000) for i in range(20)]
+    rows += [ledger_row(100 + i, "clip_filtered", clip_score=0.10 + i / 1000) for i in range(15)]
+    rows += [ledger_row(200, "duplicate_semantic", clip_score=0.32, duplicate_of="u0000",
+                        error="semantic: cosine 0.973 to u0000")]
+    out = synthetic_output(tmp_path / "out", rows, stats={"config": {"clip": {"min_score": 0.25}}})
+    page = parse(report.build_report(out))
+    assert float(page.by_id("clip-threshold")["data-value"]) == 0.25
+    assert page.by_id("clip-histogram")["data-series"] == "kept clip_filtered other"
+    bins = page.with_attr("data-kept")
+    assert sum(int(a["data-kept"]) for a in bins) == 20
+    assert sum(int(a["data-clip-filtered"]) for a in bins) == 15
+    assert sum(int(a["data-other"]) for a in bins) == 1
+    kept_bins = [int(a["data-bin"]) for a in bins if int(a["data-kept"])]
+    filtered_bins = [int(a["data-bin"]) for a in bins if int(a["data-clip-filtered"])]
+    assert max(filtered_bins) < min(kept_bins)  # two separate humps
+
+
+def test_semantic_duplicates_are_found_by_semantic(tmp_path):
+    assert report.duplicate_signal("duplicate_semantic", "semantic: cosine 0.973 to u0000") == "semantic"
+    rows = [ledger_row(0, clip_score=0.3), ledger_row(1, clip_score=0.3)]
+    rows += [ledger_row(10 + i, "duplicate_semantic", clip_score=0.3, duplicate_of="u0000",
+                        error=f"semantic: cosine 0.97{i} to u0000") for i in range(3)]
+    rows += [ledger_row(20, "duplicate_exact", duplicate_of="u0001", error="exact")]
+    out = synthetic_output(tmp_path / "out", rows)
+    page = parse(report.build_report(out))
+    signals = {a["data-signal"]: int(a["data-value"]) for a in page.with_attr("data-signal")}
+    assert signals == {"exact": 1, "phash": 0, "smooth": 0, "flip": 0, "semantic": 3}
+    assert int(page.by_id("dup-rows")["data-value"]) == 4 and int(page.by_id("dup-clusters")["data-value"]) == 2
+    clusters = {a["data-representative"]: int(a["data-duplicates"]) for a in page.with_attr("data-representative")}
+    assert clusters == {"u0000": 3, "u0001": 1}
+
+
+def hostile_output(folder):
+    """Every new section, with markup in every ledger string a page shows."""
+    rows = [ledger_row(i, "ok", clip_score=0.3, caption=HOSTILE_CAPTION, caption_language="en",
+                       tag_unsafe=0.2, head_aesthetic=5.0) for i in range(3)]
+    rows += [ledger_row(10, "clip_filtered", clip_score=0.1, caption=HOSTILE_CAPTION, url='http://x/"><script>',
+                        caption_language="<script>x</script>", tag_unsafe=0.7, head_aesthetic=4.0)]
+    rows += [ledger_row(11, "duplicate_semantic", clip_score=0.3, duplicate_of="u0000",
+                        error="semantic: cosine 0.99 to <b>u0000</b>", caption_language="de")]
+    rows += [ledger_row(12, "fetch_failed", error="<img src=x onerror=alert(1)>: boom")]
+    return synthetic_output(folder, rows, float32=["tag_unsafe", "head_aesthetic"],
+                            stats={"config": {"clip": {"min_score": 0.25}, "<i>sec</i>": "<script>"}})
+
+
+def test_report_autoescapes_everything_the_ledger_holds(tmp_path):
+    text = report.build_report(hostile_output(tmp_path / "out"))
+    page = parse(text)
+    assert "<script" not in text.lower() and "<b>u0000" not in text and "<img src=x" not in text
+    assert {tag for tag, _ in page.elements} <= {"html", "head", "meta", "title", "style", "body", "header", "h1",
+                                                 "h2", "h3", "div", "main", "nav", "a", "section", "p", "table",
+                                                 "tr", "th", "td", "b", "i", "span", "img", "details", "summary",
+                                                 "code", "ul", "li", "br"}
+    for shown in (HOSTILE_CAPTION, "<script>x</script>", "<b>u0000</b>", "<img src=x onerror=alert(1)>"):
+        assert shown in page.text
+    assert [a for a in page.with_attr("data-language") if a["data-language"] == "<script>x</script>"]
+    from paircurate.report.render import environment
+
+    assert environment().autoescape is True
+
+
+def test_language_and_score_column_figures_do_not_depend_on_batching(tmp_path):
+    out = hostile_output(tmp_path / "out")
+    columns = ["uid", "url", "caption", "status", "error", "shard", "duplicate_of", "clip_score",
+               "caption_language", "tag_unsafe", "head_aesthetic"]
+    one = report.summarise_ledger(report.iter_ledger(out, columns))
+    many = report.summarise_ledger(report.iter_ledger(out, columns, batch_rows=2))
+    assert one == many and one.languages == {"en": 3, "<script>x</script>": 1, "de": 1, None: 1}
+    assert one.score_columns["tag_unsafe"].rows == 4 and one.score_columns["tag_unsafe"].above == 1
+    a = report.collect_details(report.iter_ledger(out, columns), one, [])
+    b = report.collect_details(report.iter_ledger(out, columns, batch_rows=2), one, [])
+    assert a.score_hist == b.score_hist and sum(a.score_hist["head_aesthetic"]["counts"]) == 4
+
+
+def test_new_sections_keep_their_tables_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(report.plots, "_matplotlib", lambda: None)
+    page = parse(report.build_report(hostile_output(tmp_path / "out")))
+    assert not [a for _, a in page.elements if a.get("class") == "plot"]
+    assert page.by_id("language-table") is not None and page.by_id("score-columns-table") is not None
+    assert page.by_id("clip-hist-table") is not None and "matplotlib is not installed" in page.text
+
+
+def test_report_package_builds_no_html_in_python():
+    """Markup lives in the templates: no string literal in the package's Python opens an HTML tag."""
+    import io
+    import tokenize
+
+    folder = os.path.dirname(report.__file__)
+    tag = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s[^<>]*)?/?>")
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            source = open(os.path.join(folder, name), encoding="utf-8").read()
+            for token in tokenize.generate_tokens(io.StringIO(source).readline):
+                if token.type in (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1)) and tag.search(token.string):
+                    found.append((name, token.start[0], token.string[:60]))
+    assert not found
+    assert tag.search('f"<td class=n>{x}</td>"') and not tag.search("a < b > c")  # the check can fail
+
+
+def test_report_templates_ship_in_the_wheel(tmp_path):
+    """A wheel built from the sources holds the templates and renders a page from them."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = tmp_path / "src"
+    for name in ("pipeline", "transforms", "configs"):
+        shutil.copytree(os.path.join(root, name), source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), source / name)
+    build = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                            "print(build_meta.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
+                           cwd=source, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = tmp_path / "dist" / build.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "installed")
+    templates = os.path.join(root, "pipeline", "report", "templates")
+    shipped = {os.path.relpath(os.path.join(d, f), templates) for d, _, files in os.walk(templates) for f in files}
+    assert shipped and {f"paircurate/report/templates/{f}" for f in shipped} <= names
+    out = hostile_output(tmp_path / "out")
+    check = subprocess.run([sys.executable, "-c", "import sys, paircurate.report as r; "
+                            "assert r.__file__.startswith(sys.argv[2]), r.__file__; "
+                            "print(len(r.build_report(sys.argv[1])))", out, str(tmp_path / "installed")],
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "installed")},
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert int(check.stdout.strip()) > 10000
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+def test_new_sections_render_in_headless_chromium_without_console_errors(tmp_path):
+    out = hostile_output(tmp_path / "out")
+    report.write_report(out)
+    shot, console = render(os.path.join(out, "report.html"), str(tmp_path), "sections")
+    assert console == []
+    assert os.path.getsize(shot) > 20000

@@ -15,6 +15,9 @@ A live record without a caption (input lists without a caption column) has
 nothing to score: it keeps clip_score None and is not filtered.  Non-live
 records pass through untouched.  Model, tokenizer and transform live in
 clip_model.py; this module holds the filter arithmetic and the Beam wrapper.
+Zero-shot tags and trained heads (clip_tags.py) are computed in the same
+batch from the same image embeddings; ``clip.tag_max`` marks tag_filtered
+after the score filter.
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from paircurate.transforms.schema import Status, is_live, mark
 from paircurate.transforms.clip_model import (ClipConfig, ClipModelError, LoadedClip, ScoredBatch, load_clip,
                                               model_description, resolve_model)
+from paircurate.transforms.clip_tags import (CLIP_COLUMNS, apply_tag_max, check_config, check_heads,
+                                             parse_tag_max, parse_tags)
+from paircurate.transforms.schema import Status, is_live, mark
 
 __all__ = ["ScoreAndFilter", "OpenClipModelHandler", "ClipModelError", "model_description",
            "top_fraction_threshold", "kept_count", "embedding_schema"]
@@ -195,7 +200,8 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
         for i, record in enumerate(batch):
             emb = ((scored.image_embeddings[i], scored.text_embeddings[i])
                    if scored.image_embeddings is not None else None)
-            out.append(PredictionResult(record, (scored.scores[i], scored.errors[i], emb)))
+            columns = {name: float(v[i]) for name, v in scored.columns.items()} if scored.columns else None
+            out.append(PredictionResult(record, (scored.scores[i], scored.errors[i], emb, columns)))
         return out
 
     def get_num_bytes(self, batch: Sequence[Dict[str, Any]]) -> int:
@@ -214,13 +220,15 @@ class _AttachScore(beam.DoFn):
         record = result.example
         if record["uid"] != uid:  # cannot happen unless a handler reorders a batch
             raise RuntimeError(f"CLIP result for {uid} attached to {record['uid']}")
-        score, error, emb = result.inference
+        score, error, emb, columns = result.inference
         if error is not None:
             # The decode stage accepted these bytes; the model's decoder did not.
             mark(record, Status.DECODE_FAILED, f"not_image: clip: {error}")
             beam.metrics.Metrics.counter(METRICS, "undecodable").inc()
         else:
             record["clip_score"] = float(score)  # a float32 value, as the ledger stores it
+            if columns:
+                record[CLIP_COLUMNS] = columns  # tag_<name>, head_<name>
             beam.metrics.Metrics.counter(METRICS, "scored").inc()
             if emb is not None:
                 yield beam.pvalue.TaggedOutput("embeddings", (uid, emb[0], emb[1]))
@@ -292,7 +300,10 @@ class ScoreAndFilter(beam.PTransform):
         if config.enabled:
             if config.save_embeddings and not output_dir:
                 raise ClipModelError("clip.save_embeddings needs an output folder")
-            resolve_model(config)  # weights missing: fail now, with one clear line, not on a worker
+            resolved = resolve_model(config)  # weights missing: fail now, with one clear line, not on a worker
+            check_config(config)
+            if config.heads:  # a head that does not fit the model: fail now, naming file and sizes
+                check_heads(config, _embedding_dim(config), resolved.name)
 
     def expand(self, records):
         config = self._config
@@ -326,6 +337,9 @@ class ScoreAndFilter(beam.PTransform):
         if self.threshold is not None:
             scored = scored | "Filter" >> beam.Map(
                 apply_threshold, beam.pvalue.AsSingleton(self.threshold, default_value=None))
+        tag_max = parse_tag_max(config.tag_max, parse_tags(config.tags))
+        if tag_max:  # after the score filter: a row below the threshold stays clip_filtered
+            scored = scored | "TagFilter" >> beam.Map(apply_tag_max, tag_max)
         return (scored, passing) | "Rejoin" >> beam.Flatten()
 
 

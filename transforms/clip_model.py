@@ -22,8 +22,9 @@ Two image paths (clip.preprocess):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import io
 import logging
 import os
@@ -37,6 +38,20 @@ from urllib.parse import urlparse
 
 import numpy as np
 from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
+
+
+#: clip.tags' default: zero-shot tags in the spirit of LAION-400M's CLIP-based tagging (README,
+#: "Tags and heads"): as many positive as negative prompts, so neither side starts ahead.
+DEFAULT_TAGS: Dict[str, Any] = {
+    "unsafe": {"positive": ["a photo containing nudity", "an explicit sexual image",
+                            "a pornographic picture", "a photo of graphic violence and gore"],
+               "negative": ["a safe for work photo", "a photo of people wearing clothes",
+                            "an ordinary everyday picture", "a family friendly image"]},
+    "watermark": {"positive": ["a photo with a watermark", "an image with a text overlay logo",
+                               "a stock photo with a watermark across it"],
+                  "negative": ["a photo without a watermark", "a clean image with no text or logo",
+                               "a photo with no overlay"]},
+}
 
 
 @dataclass
@@ -64,6 +79,13 @@ class ClipConfig:
     cache_dir: Optional[str] = None
     # Serve one model per machine to all worker processes (Beam multi_process_shared).
     share_model_across_processes: bool = False
+    # Zero-shot tags: name -> {positive: [prompts], negative: [prompts]}; each scored pair gets
+    # tag_<name>, the softmax probability of the positive prompts ({}: no tags).
+    tags: Dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_TAGS))
+    # Tag filters: name -> highest probability kept; above it -> tag_filtered.
+    tag_max: Dict[str, float] = field(default_factory=dict)
+    # Trained heads on the image embedding: name -> {path, activation: none|sigmoid, hidden: relu|none}.
+    heads: Dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         device = self.device
@@ -72,6 +94,9 @@ class ClipConfig:
             raise ConfigError(f"clip.device={device!r}: must be auto, cpu, cuda or cuda:N")
         if self.min_score is not None and self.keep_fraction is not None:
             raise ConfigError("set clip.min_score or clip.keep_fraction, not both")
+        from paircurate.transforms.clip_tags import check_config as check_tags_and_heads
+
+        check_tags_and_heads(self)
 
 
 _LOG = logging.getLogger(__name__)
@@ -350,6 +375,10 @@ def model_description(config: ClipConfig) -> Dict[str, Any]:
                    else "keep_fraction" if config.keep_fraction is not None else "none"),
         "min_score": config.min_score,
         "keep_fraction": config.keep_fraction,
+        "tags": {name: dict(spec) for name, spec in config.tags.items()},
+        "tag_max": dict(config.tag_max),
+        "heads": {name: dict(spec) if isinstance(spec, dict) else {"path": spec}
+                  for name, spec in config.heads.items()},
     }
     return desc
 
@@ -528,6 +557,8 @@ class ScoredBatch:
     image_embeddings: Optional[np.ndarray] = None
     text_embeddings: Optional[np.ndarray] = None
     timings: Optional[Dict[str, float]] = None
+    # tag_<name> / head_<name> -> float32 values (clip_tags.TagsAndHeads); None without tags or heads.
+    columns: Optional[Dict[str, np.ndarray]] = None
 
 
 class LoadedClip:
@@ -591,6 +622,10 @@ class LoadedClip:
         self.description = dict(r.description, device=self.device,
                                 embed_dim=int(model.text_projection.shape[-1])
                                 if getattr(model, "text_projection", None) is not None else None)
+        from paircurate.transforms.clip_tags import tags_and_heads  # prompts encoded once, heads loaded
+        self.tags_and_heads = tags_and_heads(
+            config, model, self.tokenizer, self.device,
+            self.description["embed_dim"] or getattr(model.visual, "output_dim", None), r.name)
 
     # -- image preparation (CPU threads) --
 
@@ -772,6 +807,8 @@ class LoadedClip:
             t3 = time.perf_counter()
             scores_np = scores.cpu().numpy().astype(np.float32)
             result = ScoredBatch(scores_np, errors)
+            if self.tags_and_heads is not None:
+                result.columns = self.tags_and_heads.columns(image_emb)
             if embeddings:
                 result.image_embeddings = image_emb.half().cpu().numpy()
                 result.text_embeddings = text_emb.half().cpu().numpy()

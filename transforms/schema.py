@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
@@ -53,7 +53,7 @@ STATUS_REGISTRY: Dict[Status, StatusInfo] = {
     info[0]: StatusInfo(*info, position=position) for position, info in enumerate([
         (Status.INVALID_INPUT, "validate", "validate"),
         (Status.CAPTION_FILTERED, "validate", "caption prefilter"),
-        (Status.LANGUAGE_FILTERED, "language", "caption language"),
+        (Status.LANGUAGE_FILTERED, "language", "language filter"),
         (Status.DUPLICATE_INPUT, "validate", "input dedup"),
         (Status.FETCH_FAILED, "fetch", "fetch"),
         (Status.DISALLOWED, "fetch", "fetch (opt-out header)"),
@@ -63,7 +63,7 @@ STATUS_REGISTRY: Dict[Status, StatusInfo] = {
         (Status.DUPLICATE_EXACT, "dedup", "exact image dedup"),
         (Status.DUPLICATE_NEAR, "dedup", "near image dedup"),
         (Status.CLIP_FILTERED, "clip", "CLIP filter"),
-        (Status.TAG_FILTERED, "clip", "tag filter"),
+        (Status.TAG_FILTERED, "clip", "CLIP tag filter"),
         (Status.DUPLICATE_SEMANTIC, "dedup", "semantic dedup"),
         (Status.OK, "write", "kept"),
     ])}
@@ -122,15 +122,21 @@ LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 
 #: Transient fields that travel with a record between stages but never reach
 #: the ledger (image bytes stay out of the ledger by construction).
-TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref")
+TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref", "clip_columns")
+#: The CLIP stage's own columns (tag_<name>, head_<name>, from clip.tags / clip.heads) travel in
+#: the record's "clip_columns" dict and follow clip_score in the ledger (ledger_schema).
+CLIP_COLUMN_PREFIXES = ("tag_", "head_")
 
 #: Prefix given to input columns whose names clash with ledger columns.
 CLASH_PREFIX = "input_"
 
 
-def ledger_schema(carried: Optional[pa.Schema] = None) -> pa.Schema:
-    """The ledger schema: core columns, then the input's carried columns."""
+def ledger_schema(carried: Optional[pa.Schema] = None, clip_columns: Sequence[str] = ()) -> pa.Schema:
+    """The ledger schema: core columns (the CLIP stage's float32 columns after clip_score), then
+    the input's carried columns."""
     fields = list(LEDGER_FIELDS)
+    after = LEDGER_COLUMNS.index("clip_score") + 1
+    fields[after:after] = [pa.field(name, pa.float32()) for name in clip_columns]
     if carried is not None:
         fields.extend(carried)
     return pa.schema(fields)
@@ -138,7 +144,9 @@ def ledger_schema(carried: Optional[pa.Schema] = None) -> pa.Schema:
 
 def carried_name(name: str) -> str:
     """Name under which an input column is carried into the ledger."""
-    return CLASH_PREFIX + name if name in LEDGER_COLUMNS or name in TRANSIENT_FIELDS else name
+    clashes = (name in LEDGER_COLUMNS or name in TRANSIENT_FIELDS
+               or name.startswith(CLIP_COLUMN_PREFIXES))  # tag_/head_: the CLIP stage's columns
+    return CLASH_PREFIX + name if clashes else name
 
 
 def new_record(uid: str, url: Any, caption: Any, source: str, position: int,
@@ -194,9 +202,13 @@ def unpack_record(packed: bytes) -> Dict[str, Any]:
 _RECORD_CODER = _record_coder()
 
 
-def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str]) -> Dict[str, Any]:
-    """The ledger row of a record: core columns plus carried input columns."""
+def ledger_row(record: Mapping[str, Any], carried_names: Iterable[str],
+               clip_columns: Iterable[str] = ()) -> Dict[str, Any]:
+    """The ledger row of a record: core columns, the CLIP stage's columns, carried input columns."""
     row = {name: record.get(name) for name in LEDGER_COLUMNS}
+    computed = record.get("clip_columns") or {}
+    for name in clip_columns:
+        row[name] = computed.get(name)  # None: not scored
     extra = record.get("extra") or {}
     for name in carried_names:
         row[name] = extra.get(name)

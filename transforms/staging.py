@@ -39,7 +39,8 @@ STAGING_DIR = "_staging"
 DATA_SUFFIX = ".bin"
 INDEX_SUFFIX = ".idx.jsonl"
 #: Fields that stages after staging decide or set: a slim record's own, newer than its blob's.
-DECIDED_FIELDS = ("uid", "status", "error", "duplicate_of", "clip_score", "key", "shard", "image_ref")
+DECIDED_FIELDS = ("uid", "status", "error", "duplicate_of", "clip_score", "key", "shard", "image_ref",
+                  "clip_columns")
 #: What a staged record keeps: the decided fields, and the dedup signature (read right after
 #: staging; dedup_slim drops it again before records cross dedup's join).
 SLIM_FIELDS = DECIDED_FIELDS + ("image_sha256", "phash", "low_information", "near_signature",

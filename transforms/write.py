@@ -94,6 +94,7 @@ def sample_json(record: Mapping[str, Any], carried: Sequence[str]) -> bytes:
     extra = record.get("extra") or {}
     for name in carried:
         meta[name] = extra.get(name)
+    meta.update(record.get("clip_columns") or {})  # tag_<name>, head_<name> of a scored sample
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
@@ -252,18 +253,19 @@ class WriteShards(beam.PTransform):
         return written.records, written.manifest
 
 
-def ledger_arrow_schema(carried_schema: pa.Schema) -> pa.Schema:
+def ledger_arrow_schema(carried_schema: pa.Schema, clip_columns: Sequence[str] = ()) -> pa.Schema:
     from paircurate.transforms.schema import ledger_schema
 
-    return ledger_schema(carried_schema)
+    return ledger_schema(carried_schema, clip_columns)
 
 
 class _LedgerRowFn(beam.DoFn):
     """Record -> ledger row; with a progress folder, each row's status is tallied (paircurate.progress)."""
 
-    def __init__(self, carried: Sequence[str], progress: Optional[str]):
+    def __init__(self, carried: Sequence[str], progress: Optional[str], clip_columns: Sequence[str] = ()):
         self._carried = list(carried)
         self._progress_dir = progress
+        self._clip_columns = list(clip_columns)
 
     def setup(self):
         from paircurate.transforms.tally import tally
@@ -271,27 +273,31 @@ class _LedgerRowFn(beam.DoFn):
         self._tally = tally(self._progress_dir)
 
     def process(self, record):
-        row = ledger_row(record, self._carried)
+        row = ledger_row(record, self._carried, self._clip_columns)
         if self._tally is not None:
             self._tally.add("ledger/" + str(row["status"]))
         yield row
 
 
 class WriteLedger(beam.PTransform):
-    """All records -> metadata/part-*.parquet (one row per input row) and counts.json."""
+    """All records -> metadata/part-*.parquet (one row per input row) and counts.json.
+
+    ``clip_columns``: the CLIP stage's columns (clip_tags.ledger_columns), after clip_score.
+    """
 
     def __init__(self, metadata_dir: str, work_dir: str, carried_schema: pa.Schema,
-                 progress: Optional[str] = None):
+                 progress: Optional[str] = None, clip_columns: Sequence[str] = ()):
         super().__init__()
         self._progress = progress
         self._metadata_dir = metadata_dir
         self._work_dir = work_dir
-        self._schema = ledger_arrow_schema(carried_schema)
+        self._schema = ledger_arrow_schema(carried_schema, clip_columns)
         self._carried = [f.name for f in carried_schema]
+        self._clip_columns = list(clip_columns)
 
     def expand(self, records):
         carried = self._carried
-        rows = records | "LedgerRow" >> beam.ParDo(_LedgerRowFn(carried, self._progress))
+        rows = records | "LedgerRow" >> beam.ParDo(_LedgerRowFn(carried, self._progress, self._clip_columns))
         rows | "Parquet" >> beam.io.WriteToParquet(
             FileSystems.join(self._metadata_dir, "part"), self._schema,
             file_name_suffix=".parquet", row_group_buffer_size=16 * 1024 * 1024)

@@ -288,7 +288,9 @@ def test_report_is_self_contained_and_escapes_captions(finished):
             value = attrs.get(name)
             if value is not None:
                 assert value.startswith("data:") or value.startswith("#"), (tag, name, value[:60])
-    assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == ["clip-histogram", "cluster-sizes"]
+    # The default zero-shot tags (unsafe, watermark) give the run tag columns, hence their plot.
+    assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == [
+        "clip-histogram", "cluster-sizes", "score-columns"]
     assert "<b>bold</b>" not in text
     # Autoescaped: the caption is text of the page, its markup characters entities.
     escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &#34;quoted&#34; &lt;script&gt;alert(1)&lt;/script&gt; caption"

@@ -28,6 +28,7 @@ class Status(str, enum.Enum):
     DUPLICATE_EXACT = "duplicate_exact"
     DUPLICATE_NEAR = "duplicate_near"
     CLIP_FILTERED = "clip_filtered"
+    DUPLICATE_SEMANTIC = "duplicate_semantic"
 
     def __str__(self) -> str:  # so f-strings and JSON give the plain value
         return self.value
@@ -66,7 +67,9 @@ LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 
 #: Transient fields that travel with a record between stages but never reach
 #: the ledger (image bytes stay out of the ledger by construction).
-TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref")
+#: ``image_embedding``: the CLIP image embedding (L2-normalised, float16 bytes), carried
+#: from the CLIP stage to semantic dedup only when dedup.semantic is enabled.
+TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref", "image_embedding")
 
 #: Prefix given to input columns whose names clash with ledger columns.
 CLASH_PREFIX = "input_"

@@ -101,20 +101,29 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
                | "Fetch" >> FetchImages(config.fetch, watch)
                | "Decode" >> DecodeAndResize(config.image, watch)
                | "Hash" >> HashImages(config.dedup))
+    # Semantic dedup shuffles records after CLIP: they must be staged (slim) by then.
+    stage_early = config.dedup.enabled or semantic_enabled(config)
+    if stage_early:
+        records = records | "Stage" >> stage
     if config.dedup.enabled:
-        records = (records
-                   | "Stage" >> stage
-                   | "Dedup" >> DeduplicateImages(config.dedup,
-                                                rejected_path=layout.file_in_work(REJECTED_FILE)))
+        records = records | "Dedup" >> DeduplicateImages(
+            config.dedup, rejected_path=layout.file_in_work(REJECTED_FILE))
     records = add_clip(records, config, layout.root, staging)
-    if not config.dedup.enabled:
+    if not stage_early:
         records = records | "Stage" >> stage
     write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging,
                   progress=watch)
 
 
+def semantic_enabled(config: Config) -> bool:
+    return config.clip.enabled and config.dedup.semantic.enabled
+
+
 def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
-    """The CLIP stage, when enabled: staged records are made whole for it (captions), then slim again."""
+    """The CLIP stage, when enabled: staged records are made whole for it (captions), then slim again.
+
+    Semantic dedup (dedup.semantic) follows CLIP's filter, on the records it left live.
+    """
     if not config.clip.enabled:
         return records
     from paircurate.transforms.clip import ScoreAndFilter
@@ -122,7 +131,12 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
 
     if staging:
         records = records | "ClipDetails" >> Rehydrate(staging, live_only=True)
-    records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging)
+    semantic = semantic_enabled(config)
+    records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging,
+                                                 image_embeddings=semantic)
+    if semantic:
+        from paircurate.transforms.semantic import SemanticDedup
+        records = records | "SemanticDedup" >> SemanticDedup(config.dedup)
     return records | "ClipSlim" >> Slim() if staging else records
 
 

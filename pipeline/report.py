@@ -53,9 +53,10 @@ STAGE_OF_STATUS: Dict[str, str] = {
     "duplicate_exact": "exact image dedup",
     "duplicate_near": "near image dedup",
     "clip_filtered": "CLIP filter",
+    "duplicate_semantic": "semantic dedup",
 }
 #: Statuses whose duplicate_of points at an image-dedup cluster representative.
-IMAGE_DUPLICATE_STATUSES = ("duplicate_exact", "duplicate_near")
+IMAGE_DUPLICATE_STATUSES = ("duplicate_exact", "duplicate_near", "duplicate_semantic")
 #: Bounds on what the page samples.
 KEPT_SAMPLES = 24
 CLIP_DROPPED_SAMPLES = 12  # this many just under the threshold, and as many at the bottom
@@ -333,7 +334,7 @@ def summarise_ledger(tables: Iterable[pa.Table]) -> LedgerSummary:
 
 
 #: The signals an image duplicate can be found by, in the order the report lists them.
-DUPLICATE_SIGNALS = ("exact", "phash", "smooth", "flip")
+DUPLICATE_SIGNALS = ("exact", "phash", "smooth", "flip", "semantic")
 
 
 def duplicate_signal(status: str, error: Optional[str]) -> str:
@@ -343,6 +344,8 @@ def duplicate_signal(status: str, error: Optional[str]) -> str:
     Ledgers from before verification (``near: distance=N``) count as phash.
     """
     text = error or ""
+    if status == "duplicate_semantic":  # "semantic: cosine 0.973 to UID"
+        return "semantic"
     if status == "duplicate_exact" or text.startswith("near: exact copy of"):
         return "exact"
     word = text[len("near: "):].split(" ", 1)[0] if text.startswith("near: ") else ""

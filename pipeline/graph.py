@@ -73,11 +73,12 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
 
 def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout,
           resume: bool = True, progress: bool = True) -> None:
-    """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip -> write.
+    """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip
+    -> [semantic dedup] -> write.
 
     Image bytes are staged (transforms/staging.py) before the first shuffle
-    they would otherwise cross: right after hashing when dedup runs, else after
-    CLIP (which then scores the bytes still in memory).  Records that a killed
+    they would otherwise cross: right after hashing when dedup or semantic dedup
+    runs, else after CLIP (which then scores the bytes still in memory).  Records that a killed
     run already staged are restored instead of fetched again (``resume``; a dry
     run builds the job without looking at the output folder).  With ``progress``,
     the read, fetch, decode and ledger steps tally rows for paircurate.progress.

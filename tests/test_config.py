@@ -157,7 +157,7 @@ def test_every_numeric_key_has_a_declared_range():
 def test_nested_section_from_yaml_and_overrides():
     config = load_config(overrides=["dedup.semantic.enabled=true", "dedup.semantic.min_cosine=0.9"])
     assert config.dedup.semantic.enabled and config.dedup.semantic.min_cosine == 0.9
-    assert config.dedup.semantic.bands == 23  # the rest of the nested section keeps its defaults
+    assert config.dedup.semantic.bands == 30  # the rest of the nested section keeps its defaults
     with pytest.raises(ConfigError, match=r"unknown key 'dedup.semantic.min_cos'"):
         load_config(overrides=["dedup.semantic.min_cos=0.9"])
     with pytest.raises(ConfigError, match=r"dedup.semantic.min_cosine=1.5 is out of range"):

@@ -395,8 +395,7 @@ class SemanticDecisions(beam.PTransform):
         semantic = config.semantic
         batches = sigs | "Sketch" >> beam.ParDo(_SketchFn(config))
         pairs = (metered_group(batches, "SemanticBuckets")
-                 | "BandPairs" >> beam.ParDo(_BandPairsFn(semantic))
-                 | "DistinctPairs" >> beam.Distinct())
+                 | "BandPairs" >> beam.ParDo(_BandPairsFn(semantic)))  # each pair once: its first band
         partners = pairs | "PairsBothWays" >> beam.FlatMap(lambda p: [(p[0], p[1]), (p[1], p[0])])
         forwarded = (metered_cogroup({"emb": sigs, "partners": partners}, "SemanticJoinEmbeddings")
                      | "Forward" >> beam.FlatMap(_forward))

@@ -55,6 +55,8 @@ class OutputLayout:
 
 #: The near-duplicate candidates verification rejected, nearest first (finalise moves them to stats.json).
 REJECTED_FILE = "dedup_rejected.json"
+#: The same for semantic dedup: candidate pairs below dedup.semantic.min_cosine, highest cosine first.
+SEMANTIC_REJECTED_FILE = "semantic_rejected.json"
 
 
 @dataclass
@@ -137,7 +139,8 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
                                                  image_embeddings=semantic)
     if semantic:
         from paircurate.transforms.semantic import SemanticDedup
-        records = records | "SemanticDedup" >> SemanticDedup(config.dedup)
+        rejected = OutputLayout(output_root).file_in_work(SEMANTIC_REJECTED_FILE)
+        records = records | "SemanticDedup" >> SemanticDedup(config.dedup, rejected)
     return records | "ClipSlim" >> Slim() if staging else records
 
 

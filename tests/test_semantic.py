@@ -212,5 +212,7 @@ def test_identical_images_under_other_urls_end_duplicate_semantic(tmp_path, imag
                 assert r["clip_score"] is not None
     assert [r["status"] for r in rows_out if r["family"] == -1] == ["fetch_failed"]
     assert stats["by_status"]["duplicate_semantic"] == 4
+    assert stats["semantic"]["verified_pairs"] == 6  # three pairs in each family of three, each once
+    assert all(p["cosine"] < 0.9999 for p in stats["semantic"].get("nearest_rejected", []))
     assert sorted(shard_keys(root)) == sorted(r["uid"] for r in rows_out if r["status"] == "ok")
     assert not any(k.startswith("image_embedding") for k in rows_out[0])

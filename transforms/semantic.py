@@ -348,7 +348,8 @@ def _forward(element):
 
 
 class _VerifyFn(beam.DoFn):
-    """((a, b), two (node, embedding)) -> (a, b, cosine) when the cosine is at min_cosine or above."""
+    """((a, b), two (node, embedding)) -> (a, b, cosine) when the cosine is at min_cosine or above;
+    rejected pairs to the "rejected" output as (cosine, uid, uid)."""
 
     def __init__(self, min_cosine: float):
         self._min = min_cosine
@@ -366,6 +367,7 @@ class _VerifyFn(beam.DoFn):
             yield a, b, cos
         else:
             self._rejected.inc()
+            yield beam.pvalue.TaggedOutput("rejected", (round(cos, 4), node_uid(a), node_uid(b)))
 
 
 def _half_edges(edge):
@@ -383,12 +385,21 @@ def _join(element):
 
 # --------------------------------------------------------------------------- PTransforms
 
-class SemanticDecisions(beam.PTransform):
-    """(node_key, float16 embedding bytes) -> (uid, (duplicate_semantic, representative, error))."""
+#: How many of the rejected candidate pairs nearest the threshold a run reports (stats.json).
+NEAREST_REJECTED = 20
 
-    def __init__(self, config: DedupConfig):
+
+class SemanticDecisions(beam.PTransform):
+    """(node_key, float16 embedding bytes) -> (uid, (duplicate_semantic, representative, error)).
+
+    ``rejected_path``: where to write the NEAREST_REJECTED candidate pairs below
+    min_cosine, highest cosine first (JSON lists: cosine, uid, uid).
+    """
+
+    def __init__(self, config: DedupConfig, rejected_path: Optional[str] = None):
         super().__init__()
         self._config = config
+        self._rejected_path = rejected_path
 
     def expand(self, sigs):
         config = self._config
@@ -399,9 +410,17 @@ class SemanticDecisions(beam.PTransform):
         partners = pairs | "PairsBothWays" >> beam.FlatMap(lambda p: [(p[0], p[1]), (p[1], p[0])])
         forwarded = (metered_cogroup({"emb": sigs, "partners": partners}, "SemanticJoinEmbeddings")
                      | "Forward" >> beam.FlatMap(_forward))
-        edges = (metered_group(forwarded, "SemanticPairs")
-                 | "Verify" >> beam.ParDo(_VerifyFn(semantic.min_cosine)))
-        half_edges = edges | "BothWays" >> beam.FlatMap(_half_edges)
+        verified = (metered_group(forwarded, "SemanticPairs")
+                    | "Verify" >> beam.ParDo(_VerifyFn(semantic.min_cosine)).with_outputs(
+                        "rejected", main="edges"))
+        if self._rejected_path:
+            from paircurate.transforms.write import write_json
+
+            _ = (verified.rejected
+                 | "NearestRejected" >> beam.combiners.Top.Largest(NEAREST_REJECTED)
+                 | "WriteRejected" >> beam.Map(
+                     lambda pairs, path: write_json(path, [list(p) for p in pairs]), self._rejected_path))
+        half_edges = verified.edges | "BothWays" >> beam.FlatMap(_half_edges)
         return (propagate_labels(half_edges, config.cluster_rounds, _NS, "Semantic")
                 | "Decide" >> beam.FlatMapTuple(lambda node, s: semantic_decision(node, s[0], s[1])))
 
@@ -413,16 +432,17 @@ class SemanticDedup(beam.PTransform):
     Live records cross the decisions' join slim (decided_only) when they are staged.
     """
 
-    def __init__(self, config: DedupConfig):
+    def __init__(self, config: DedupConfig, rejected_path: Optional[str] = None):
         super().__init__()
         self._config = config
+        self._rejected_path = rejected_path
 
     def expand(self, records):
         live, others = records | "HasEmbedding" >> beam.Partition(
             lambda r, _: 0 if has_embedding(r) else 1, 2)
         others = others | "DropEmbedding" >> beam.Map(without_embedding)
         sigs = live | "Signature" >> beam.Map(lambda r: (record_node(r), r[EMBEDDING_FIELD]))
-        decisions = sigs | "Decide" >> SemanticDecisions(self._config)
+        decisions = sigs | "Decide" >> SemanticDecisions(self._config, self._rejected_path)
         keyed = live | "KeyByUid" >> beam.Map(
             lambda r: (r["uid"], pack_record(decided_only(without_embedding(r)))))
         joined = (metered_cogroup({"record": keyed, "decision": decisions}, "SemanticJoinDecisions")

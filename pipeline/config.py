@@ -92,6 +92,25 @@ class ImageConfig:
 
 
 @dataclass
+class SemanticDedupConfig:
+    """dedup.semantic: duplicates by CLIP image embedding, after the CLIP stage (transforms/semantic.py)."""
+    enabled: bool = False
+    # Pairs at or above this cosine similarity of their image embeddings are duplicates
+    # (SemDeDup thresholds the cosine distance 1 - cos with epsilon: 0.95 is epsilon 0.05).
+    min_cosine: float = 0.95
+    # Random-hyperplane LSH: bands of ``bits`` sign bits each; a pair that agrees on every
+    # bit of one band is a candidate.  30 x 16 measured recall 0.998 at cosine 0.95-0.955
+    # (benchmarks/semantic_recall.py; README, Semantic duplicates).
+    bands: int = 30
+    bits: int = 16
+    # Seed of the hyperplanes (every worker draws the same ones).
+    seed: int = 0
+    # Upper bound on comparisons inside one band bucket; over it a sliding window (metric
+    # semantic/bucket_overflows), as the pHash stage does.
+    max_bucket_comparisons: int = 200_000
+
+
+@dataclass
 class DedupConfig:
     enabled: bool = True
     exact: bool = True
@@ -127,6 +146,8 @@ class DedupConfig:
     # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
     # up to this are exact (metric dedup/unconverged_nodes counts the rest).
     cluster_rounds: int = 8
+    # Semantic duplicates by CLIP image embedding (off unless enabled; needs the CLIP stage).
+    semantic: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
 
 
 #: clip.tags' default: zero-shot tags in the spirit of LAION-400M's CLIP-based tagging (README,
@@ -260,6 +281,11 @@ def _apply(section_obj: Any, values: Mapping[str, Any], section: str) -> None:
         if key not in valid:
             raise ConfigError(f"unknown key '{section}.{key}'; valid keys of '{section}': "
                               + ", ".join(valid))
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. dedup.semantic
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{section}.{key}' must be a mapping of keys to values")
+            _apply(getattr(section_obj, key), value, f"{section}.{key}")
+            continue
         setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
@@ -282,12 +308,13 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     path, raw = text.split("=", 1)
-    section, key = path.strip().split(".", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return {section: {key: value}}
+    for name in reversed(path.strip().split(".")):  # dedup.semantic.enabled -> nested mappings
+        value = {name: value}
+    return value
 
 
 def find_config_file(name: str) -> str:
@@ -381,6 +408,11 @@ RANGES: Dict[str, Bounds] = {
     "dedup.partitions": AT_LEAST_ONE,
     "dedup.key_batch": AT_LEAST_ONE,
     "dedup.cluster_rounds": AT_LEAST_ONE,
+    "dedup.semantic.min_cosine": Bounds(-1, 1),    # a cosine similarity
+    "dedup.semantic.bands": Bounds(1, 255),        # the band index is one byte
+    "dedup.semantic.bits": Bounds(8, 64),          # whole bytes, checked below
+    "dedup.semantic.seed": NON_NEGATIVE,
+    "dedup.semantic.max_bucket_comparisons": AT_LEAST_ONE,
     "clip.batch_size": AT_LEAST_ONE,
     "clip.min_score": Bounds(-1, 1),               # a cosine similarity
     "clip.keep_fraction": Bounds(0, 1, low_open=True),
@@ -403,8 +435,10 @@ CHOICES: Dict[str, Sequence[str]] = {
 
 
 def _value(config: Config, key: str) -> Any:
-    section, name = key.split(".", 1)
-    return getattr(getattr(config, section), name)
+    value: Any = config
+    for name in key.split("."):  # section.key or section.nested.key
+        value = getattr(value, name)
+    return value
 
 
 def check_ranges(config: Config) -> None:
@@ -443,6 +477,11 @@ def validate(config: Config) -> None:
     bits = dedup.hash_size ** 2
     if not 0 <= dedup.max_distance <= bits:
         raise ConfigError(f"dedup.max_distance must be between 0 and the hash's bit count ({bits})")
+    if dedup.semantic.enabled and not clip.enabled:
+        raise ConfigError("dedup.semantic.enabled needs the CLIP stage (its image embeddings): "
+                          "clip.enabled is false (--no-clip)")
+    if dedup.semantic.bits % 8:
+        raise ConfigError(f"dedup.semantic.bits={dedup.semantic.bits}: must be a multiple of 8 (whole bytes)")
     if dedup.blocks and not dedup.max_distance < dedup.blocks <= bits:
         raise ConfigError(f"dedup.blocks must be 0 (automatic) or above dedup.max_distance "
                           f"({dedup.max_distance}) and at most the hash's bit count ({bits})")

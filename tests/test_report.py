@@ -75,6 +75,8 @@ def test_duplicate_signal_reads_the_ledger_error():
     assert report.duplicate_signal("duplicate_near", "near: flip distance=0 verify=0.05") == "flip"
     assert report.duplicate_signal("duplicate_near", "near: phash distance=4 verify=0.31") == "phash"
     assert report.duplicate_signal("duplicate_near", "near: distance=4") == "phash"  # older ledgers
+    assert report.duplicate_signal("duplicate_semantic", "semantic: cosine 0.973 to abc") == "semantic"
+    assert "duplicate_semantic" in report.summaries.DUPLICATE_STATUSES
 
 
 def test_format_table_aligns_and_truncates():

@@ -457,8 +457,8 @@ def _send(element):
 
 
 class _UpdateFn(beam.DoFn):
-    def __init__(self, counter: str):
-        self._changed = Metrics.counter(_NS, counter)
+    def __init__(self, counter: str, namespace: str = _NS):
+        self._changed = Metrics.counter(namespace, counter)
 
     def process(self, element):
         node, messages = element
@@ -576,16 +576,31 @@ class _NearDecisions(beam.PTransform):
                  | "WriteRejected" >> beam.Map(
                      lambda pairs, path: write_json(path, [list(p) for p in pairs]),
                      self._rejected_path))
-        adjacency = metered_group(
-            edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))]),
-            "Adjacency")
-        state = adjacency | "InitLabels" >> beam.FlatMap(_initial_state)
-        for round_ in range(config.cluster_rounds):
-            counter = "unconverged_nodes" if round_ == config.cluster_rounds - 1 else "label_changes"
-            state = (metered_group(state | f"Send{round_}" >> beam.FlatMap(_send), f"Gather{round_}")
-                     | f"Update{round_}" >> beam.ParDo(_UpdateFn(counter)))
-        return state | "DecideNear" >> beam.FlatMapTuple(
-            lambda node, s: near_decision(node, s[0], s[3]))
+        half_edges = edges | "BothWays" >> beam.FlatMap(
+            lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))])
+        return (propagate_labels(half_edges, config.cluster_rounds)
+                | "DecideNear" >> beam.FlatMapTuple(lambda node, s: near_decision(node, s[0], s[1])))
+
+
+def propagate_labels(half_edges, rounds: int, namespace: str = _NS, prefix: str = ""):
+    """(node, (neighbour, note)) for both ends of every edge -> (node, (label, nearest note)).
+
+    The clustering that pHash and semantic dedup share: min-label propagation
+    over ``rounds`` rounds (one GroupByKey each; only changed labels are
+    re-sent).  Nodes are node_key() bytes, so a node's label is the best rank
+    reachable from it: its cluster's representative.  A node's note is the
+    smallest of its edges' notes (its nearest pair).  Applied in the caller's
+    scope so the pHash stage keeps its step names; ``prefix`` names the steps
+    and shuffle meters of another caller, ``namespace`` its metrics.
+    """
+    adjacency = metered_group(half_edges, f"{prefix}Adjacency")
+    state = adjacency | f"{prefix}InitLabels" >> beam.FlatMap(_initial_state)
+    for round_ in range(rounds):
+        counter = "unconverged_nodes" if round_ == rounds - 1 else "label_changes"
+        state = (metered_group(state | f"{prefix}Send{round_}" >> beam.FlatMap(_send),
+                               f"{prefix}Gather{round_}")
+                 | f"{prefix}Update{round_}" >> beam.ParDo(_UpdateFn(counter, namespace)))
+    return state | f"{prefix}Labels" >> beam.MapTuple(lambda node, s: (node, (s[0], s[3])))
 
 
 class HashImages(beam.PTransform):

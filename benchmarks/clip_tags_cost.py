@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     from clip_throughput import make_pair
 
-    from paircurate.config import ClipConfig
+    from paircurate.transforms.clip_model import ClipConfig
     from paircurate.transforms.clip_model import LoadedClip
 
     pairs = [make_pair(i) for i in range(args.n)]

@@ -107,6 +107,11 @@ def _apply(section_obj: Any, values: Mapping[str, Any], section: str) -> None:
         if key not in valid:
             raise ConfigError(f"unknown key '{section}.{key}'; valid keys of '{section}': "
                               + ", ".join(valid))
+        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. dedup.semantic
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{section}.{key}' must be a mapping of keys to values")
+            _apply(getattr(section_obj, key), value, f"{section}.{key}")
+            continue
         setattr(section_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
@@ -129,12 +134,13 @@ def parse_override(text: str) -> Dict[str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     path, raw = text.split("=", 1)
-    section, key = path.strip().split(".", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return {section: {key: value}}
+    for name in reversed(path.strip().split(".")):  # dedup.semantic.enabled -> nested mappings
+        value = {name: value}
+    return value
 
 
 def find_config_file(name: str) -> str:
@@ -189,3 +195,7 @@ def validate(config: Config) -> None:
         check = getattr(section, "check", None)
         if check is not None:
             check()
+    # Checks across sections.
+    if config.dedup.semantic.enabled and not config.clip.enabled:
+        raise ConfigError("dedup.semantic.enabled needs the CLIP stage (its image embeddings): "
+                          "clip.enabled is false (--no-clip)")

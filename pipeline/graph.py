@@ -56,6 +56,8 @@ class OutputLayout:
 
 #: The near-duplicate candidates verification rejected, nearest first (finalise moves them to stats.json).
 REJECTED_FILE = "dedup_rejected.json"
+#: The same for semantic dedup: candidate pairs below dedup.semantic.min_cosine, highest cosine first.
+SEMANTIC_REJECTED_FILE = "semantic_rejected.json"
 
 
 @dataclass
@@ -74,11 +76,12 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
 
 def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: OutputLayout,
           resume: bool = True, progress: bool = True) -> None:
-    """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip -> write.
+    """read -> validate -> [resume] -> fetch -> decode/resize -> hash -> stage -> dedup -> clip
+    -> [semantic dedup] -> write.
 
     Image bytes are staged (transforms/staging.py) before the first shuffle
-    they would otherwise cross: right after hashing when dedup runs, else after
-    CLIP (which then scores the bytes still in memory).  Records that a killed
+    they would otherwise cross: right after hashing when dedup or semantic dedup
+    runs, else after CLIP (which then scores the bytes still in memory).  Records that a killed
     run already staged are restored instead of fetched again (``resume``; a dry
     run builds the job without looking at the output folder).  With ``progress``,
     the read, fetch, decode and ledger steps tally rows for paircurate.progress.
@@ -102,20 +105,29 @@ def build(pipeline: beam.Pipeline, plan: InputPlan, config: Config, layout: Outp
                | "Fetch" >> FetchImages(config.fetch, watch)
                | "Decode" >> DecodeAndResize(config.image, watch)
                | "Hash" >> HashImages(config.dedup))
+    # Semantic dedup shuffles records after CLIP: they must be staged (slim) by then.
+    stage_early = config.dedup.enabled or semantic_enabled(config)
+    if stage_early:
+        records = records | "Stage" >> stage
     if config.dedup.enabled:
-        records = (records
-                   | "Stage" >> stage
-                   | "Dedup" >> DeduplicateImages(config.dedup,
-                                                rejected_path=layout.file_in_work(REJECTED_FILE)))
+        records = records | "Dedup" >> DeduplicateImages(
+            config.dedup, rejected_path=layout.file_in_work(REJECTED_FILE))
     records = add_clip(records, config, layout.root, staging)
-    if not config.dedup.enabled:
+    if not stage_early:
         records = records | "Stage" >> stage
     write_outputs(records, layout, config.output.samples_per_shard, plan.carried, staging=staging,
                   progress=watch, clip_columns=clip_ledger_columns(config))
 
 
+def semantic_enabled(config: Config) -> bool:
+    return config.clip.enabled and config.dedup.semantic.enabled
+
+
 def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
-    """The CLIP stage, when enabled: staged records are made whole for it (captions), then slim again."""
+    """The CLIP stage, when enabled: staged records are made whole for it (captions), then slim again.
+
+    Semantic dedup (dedup.semantic) follows CLIP's filter, on the records it left live.
+    """
     if not config.clip.enabled:
         return records
     from paircurate.transforms.clip import ScoreAndFilter
@@ -123,7 +135,13 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
 
     if staging:
         records = records | "ClipDetails" >> Rehydrate(staging, live_only=True)
-    records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging)
+    semantic = semantic_enabled(config)
+    records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging,
+                                                 image_embeddings=semantic)
+    if semantic:
+        from paircurate.transforms.semantic import SemanticDedup
+        rejected = OutputLayout(output_root).file_in_work(SEMANTIC_REJECTED_FILE)
+        records = records | "SemanticDedup" >> SemanticDedup(config.dedup, rejected)
     return records | "ClipSlim" >> Slim() if staging else records
 
 

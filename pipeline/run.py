@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 from paircurate import __version__
 from paircurate.transforms.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
-from paircurate.graph import REJECTED_FILE, OutputLayout, build, plan_input
+from paircurate.graph import REJECTED_FILE, SEMANTIC_REJECTED_FILE, OutputLayout, build, plan_input
 from paircurate.lock import LockError, OutputLock
 from paircurate.transforms.schema import STATUS_ORDER, funnel
 from paircurate.transforms.files import read_json, write_json
@@ -336,7 +336,17 @@ def run_pipeline(input_pattern: str, output_root: str, config: Config,
                          "resumed_rows": counter_total(result, "resumed_rows", "staging") or 0,
                          "progress": progress,
                          "dedup": {name: counter_total(result, name, "dedup")
-                                   for name in ("verified_pairs", "rejected_pairs")}})
+                                   for name in ("verified_pairs", "rejected_pairs")},
+                         **semantic_stats(result, config)})
+
+
+def semantic_stats(result, config: Config) -> Dict[str, Any]:
+    """stats.json "semantic": semantic dedup's pair counts (nearest rejected: added by finalise)."""
+    if not (config.clip.enabled and config.dedup.semantic.enabled):
+        return {}
+    return {"semantic": {name: counter_total(result, name, "semantic") or 0
+                         for name in ("candidate_pairs", "verified_pairs", "rejected_pairs",
+                                      "bucket_overflows")}}
 
 
 def shuffle_stats(result, rows: Optional[int]) -> Dict[str, Any]:
@@ -383,6 +393,10 @@ def finalise(layout: OutputLayout, config: Config, started: float, rows_read: Op
         stats.setdefault("dedup", {})["nearest_rejected"] = [
             dict(zip(("verify", "distance", "signal", "uid_a", "uid_b"), pair))
             for pair in read_json(rejected)]
+    semantic_rejected = FileSystems.join(layout.work, SEMANTIC_REJECTED_FILE)
+    if FileSystems.exists(semantic_rejected):
+        stats.setdefault("semantic", {})["nearest_rejected"] = [
+            dict(zip(("cosine", "uid_a", "uid_b"), pair)) for pair in read_json(semantic_rejected)]
     write_json(layout.file("manifest.json"), manifest)
     write_json(layout.file("stats.json"), stats)
     if config.output.report:

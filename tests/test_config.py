@@ -136,16 +136,38 @@ def test_every_numeric_key_has_a_declared_range():
     from paircurate.config import CHOICES, RANGES
 
     numeric = set()
-    sections = typing.get_type_hints(Config)
-    for section in dataclasses.fields(Config):
-        hints = typing.get_type_hints(sections[section.name])
-        for key in dataclasses.fields(sections[section.name]):
+
+    def collect(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for key in dataclasses.fields(cls):
             hint = hints[key.name]
+            if dataclasses.is_dataclass(hint):  # a nested section (dedup.semantic)
+                collect(hint, f"{prefix}{key.name}.")
+                continue
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             if args[0] in (int, float):
-                numeric.add(f"{section.name}.{key.name}")
+                numeric.add(f"{prefix}{key.name}")
+
+    collect(Config, "")
+    assert "dedup.semantic.min_cosine" in numeric
     assert numeric == set(RANGES)
     assert {"input.format", "image.resize_mode", "image.encode_format", "dedup.hash"} <= set(CHOICES)
+
+
+def test_nested_section_from_yaml_and_overrides():
+    config = load_config(overrides=["dedup.semantic.enabled=true", "dedup.semantic.min_cosine=0.9"])
+    assert config.dedup.semantic.enabled and config.dedup.semantic.min_cosine == 0.9
+    assert config.dedup.semantic.bands == 30  # the rest of the nested section keeps its defaults
+    with pytest.raises(ConfigError, match=r"unknown key 'dedup.semantic.min_cos'"):
+        load_config(overrides=["dedup.semantic.min_cos=0.9"])
+    with pytest.raises(ConfigError, match=r"dedup.semantic.min_cosine=1.5 is out of range"):
+        load_config(overrides=["dedup.semantic.min_cosine=1.5"])
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        load_config(overrides=["dedup.semantic.bits=12"])
+    with pytest.raises(ConfigError, match="needs the CLIP stage"):
+        load_config(overrides=["dedup.semantic.enabled=true", "clip.enabled=false"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(overrides=["dedup.semantic=3"])
 
 
 @pytest.mark.parametrize("name", ["local", "dataflow", "spark", "nightly"])

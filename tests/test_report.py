@@ -75,6 +75,8 @@ def test_duplicate_signal_reads_the_ledger_error():
     assert report.duplicate_signal("duplicate_near", "near: flip distance=0 verify=0.05") == "flip"
     assert report.duplicate_signal("duplicate_near", "near: phash distance=4 verify=0.31") == "phash"
     assert report.duplicate_signal("duplicate_near", "near: distance=4") == "phash"  # older ledgers
+    assert report.duplicate_signal("duplicate_semantic", "semantic: cosine 0.973 to abc") == "semantic"
+    assert "duplicate_semantic" in report.summaries.DUPLICATE_STATUSES
 
 
 def test_format_table_aligns_and_truncates():
@@ -288,7 +290,9 @@ def test_report_is_self_contained_and_escapes_captions(finished):
             value = attrs.get(name)
             if value is not None:
                 assert value.startswith("data:") or value.startswith("#"), (tag, name, value[:60])
-    assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == ["clip-histogram", "cluster-sizes"]
+    # The default zero-shot tags (unsafe, watermark) give the run tag columns, hence their plot.
+    assert [a["id"] for _, a in page.elements if a.get("class") == "plot"] == [
+        "clip-histogram", "cluster-sizes", "score-columns"]
     assert "<b>bold</b>" not in text
     # Autoescaped: the caption is text of the page, its markup characters entities.
     escaped = "a &lt;b&gt;bold&lt;/b&gt; &amp; &#34;quoted&#34; &lt;script&gt;alert(1)&lt;/script&gt; caption"

@@ -174,12 +174,14 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
     on the machine (calls go through LoadedClip.score, so they cross processes).
     """
 
-    def __init__(self, config: ClipConfig, staging: Optional[str] = None):
+    def __init__(self, config: ClipConfig, staging: Optional[str] = None,
+                 image_embeddings: bool = False):
         super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size,
                          large_model=config.share_model_across_processes)
         self._config = config
         self._staging = staging
         self._reader = None
+        self._embeddings = config.save_embeddings or image_embeddings
 
     def pair_images(self, batch: Sequence[Dict[str, Any]]) -> List[bytes]:
         """The image bytes of a batch: carried in the records, or read from staging by reference."""
@@ -195,7 +197,7 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
     def run_inference(self, batch: Sequence[Dict[str, Any]], model: LoadedClip,
                       inference_args: Optional[Dict[str, Any]] = None) -> Iterable[PredictionResult]:
         scored: ScoredBatch = model.score(self.pair_images(batch), [r["caption"] for r in batch],
-                                          embeddings=self._config.save_embeddings)
+                                          embeddings=self._embeddings)
         out = []
         for i, record in enumerate(batch):
             emb = ((scored.image_embeddings[i], scored.text_embeddings[i])
@@ -213,7 +215,14 @@ class OpenClipModelHandler(ModelHandler[Dict[str, Any], PredictionResult, Loaded
 
 
 class _AttachScore(beam.DoFn):
-    """(uid, PredictionResult) -> the record with its clip_score; embeddings to a side output."""
+    """(uid, PredictionResult) -> the record with its clip_score; embeddings to a side output.
+
+    With ``carry_image_embedding`` (semantic dedup) the record also carries its image
+    embedding in the transient field semantic.EMBEDDING_FIELD, float16 bytes.
+    """
+
+    def __init__(self, save_embeddings: bool = True, carry_image_embedding: bool = False):
+        self._save, self._carry = save_embeddings, carry_image_embedding
 
     def process(self, element):
         uid, result = element
@@ -230,7 +239,10 @@ class _AttachScore(beam.DoFn):
             if columns:
                 record[CLIP_COLUMNS] = columns  # tag_<name>, head_<name>
             beam.metrics.Metrics.counter(METRICS, "scored").inc()
-            if emb is not None:
+            if emb is not None and self._carry:
+                from paircurate.transforms.semantic import EMBEDDING_FIELD, embedding_bytes
+                record[EMBEDDING_FIELD] = embedding_bytes(emb[0])
+            if emb is not None and self._save:
                 yield beam.pvalue.TaggedOutput("embeddings", (uid, emb[0], emb[1]))
         yield record
 
@@ -291,11 +303,13 @@ class ScoreAndFilter(beam.PTransform):
     """
 
     def __init__(self, config: ClipConfig, output_dir: Optional[str] = None,
-                 staging: Optional[str] = None):
+                 staging: Optional[str] = None, image_embeddings: bool = False):
         super().__init__()
         self._config = config
         self._output_dir = output_dir
         self._staging = staging
+        # Carry each scored record's image embedding (for semantic dedup, which drops it).
+        self._image_embeddings = image_embeddings
         self.threshold = None
         if config.enabled:
             if config.save_embeddings and not output_dir:
@@ -314,8 +328,9 @@ class ScoreAndFilter(beam.PTransform):
         results = (to_score
                    | "KeyByUid" >> beam.Map(lambda r: (r["uid"], r))
                    | "RunInference" >> RunInference(KeyedModelHandler(
-                       OpenClipModelHandler(config, self._staging)))
-                   | "AttachScore" >> beam.ParDo(_AttachScore()).with_outputs("embeddings", main="records"))
+                       OpenClipModelHandler(config, self._staging, self._image_embeddings)))
+                   | "AttachScore" >> beam.ParDo(_AttachScore(config.save_embeddings, self._image_embeddings))
+                   .with_outputs("embeddings", main="records"))
         scored = results.records
         if config.save_embeddings:
             from apache_beam.io.filesystems import FileSystems

@@ -73,6 +73,30 @@ from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NO
 
 
 @dataclass
+class SemanticDedupConfig:
+    """dedup.semantic: duplicates by CLIP image embedding, after the CLIP stage (transforms/semantic.py,
+    which imports this module: the section lives here, nested in dedup's)."""
+    enabled: bool = False
+    # Pairs at or above this cosine similarity of their image embeddings are duplicates
+    # (SemDeDup thresholds the cosine distance 1 - cos with epsilon: 0.95 is epsilon 0.05).
+    min_cosine: float = setting(0.95, Bounds(-1, 1))  # a cosine similarity
+    # Random-hyperplane LSH: bands of ``bits`` sign bits each; a pair that agrees on every
+    # bit of one band is a candidate.  30 x 16 measured recall 0.998 at cosine 0.95-0.955
+    # (benchmarks/semantic_recall.py; README, Semantic duplicates).
+    bands: int = setting(30, Bounds(1, 255))  # the band index is one byte
+    bits: int = setting(16, Bounds(8, 64))    # whole bytes, checked below
+    # Seed of the hyperplanes (every worker draws the same ones).
+    seed: int = setting(0, NON_NEGATIVE)
+    # Upper bound on comparisons inside one band bucket; over it a sliding window (metric
+    # semantic/bucket_overflows), as the pHash stage does.
+    max_bucket_comparisons: int = setting(200_000, AT_LEAST_ONE)
+
+    def check(self) -> None:
+        if self.bits % 8:
+            raise ConfigError(f"dedup.semantic.bits={self.bits}: must be a multiple of 8 (whole bytes)")
+
+
+@dataclass
 class DedupConfig:
     enabled: bool = True
     exact: bool = True
@@ -108,6 +132,8 @@ class DedupConfig:
     # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
     # up to this are exact (metric dedup/unconverged_nodes counts the rest).
     cluster_rounds: int = setting(8, AT_LEAST_ONE)
+    # Semantic duplicates by CLIP image embedding (off unless enabled; needs the CLIP stage).
+    semantic: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
 
     def check(self) -> None:
         if self.near and self.hash_size > 8:
@@ -550,8 +576,8 @@ def _send(element):
 
 
 class _UpdateFn(beam.DoFn):
-    def __init__(self, counter: str):
-        self._changed = Metrics.counter(_NS, counter)
+    def __init__(self, counter: str, namespace: str = _NS):
+        self._changed = Metrics.counter(namespace, counter)
 
     def process(self, element):
         node, messages = element
@@ -567,8 +593,13 @@ class _UpdateFn(beam.DoFn):
         yield node, (best, neighbours, changed, note)
 
 
-def _decide_near(node: bytes, state: tuple) -> List[Decision]:
+def _label_and_note(node: bytes, state: tuple) -> Tuple[bytes, Tuple[bytes, int]]:
     label, _neighbours, _changed, note = state
+    return node, (label, note)
+
+
+def _decide_near(node: bytes, labelled: Tuple[bytes, int]) -> List[Decision]:
+    label, note = labelled
     return near_decision(node, label, note)
 
 
@@ -674,15 +705,31 @@ class _NearDecisions(beam.PTransform):
                  | "WriteRejected" >> beam.Map(
                      lambda pairs, path: write_json(path, [list(p) for p in pairs]),
                      self._rejected_path))
-        adjacency = metered_group(
-            edges | "BothWays" >> beam.FlatMap(lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))]),
-            "Adjacency")
-        state = adjacency | "InitLabels" >> beam.FlatMap(_initial_state)
-        for round_ in range(config.cluster_rounds):
-            counter = "unconverged_nodes" if round_ == config.cluster_rounds - 1 else "label_changes"
-            state = (metered_group(state | f"Send{round_}" >> beam.FlatMap(_send), f"Gather{round_}")
-                     | f"Update{round_}" >> beam.ParDo(_UpdateFn(counter)))
-        return state | "DecideNear" >> beam.FlatMapTuple(_decide_near)
+        half_edges = edges | "BothWays" >> beam.FlatMap(
+            lambda e: [(e[0], (e[1], e[2])), (e[1], (e[0], e[2]))])
+        return (propagate_labels(half_edges, config.cluster_rounds)
+                | "DecideNear" >> beam.FlatMapTuple(_decide_near))
+
+
+def propagate_labels(half_edges, rounds: int, namespace: str = _NS, prefix: str = ""):
+    """(node, (neighbour, note)) for both ends of every edge -> (node, (label, nearest note)).
+
+    The clustering that pHash and semantic dedup share: min-label propagation
+    over ``rounds`` rounds (one GroupByKey each; only changed labels are
+    re-sent).  Nodes are node_key() bytes, so a node's label is the best rank
+    reachable from it: its cluster's representative.  A node's note is the
+    smallest of its edges' notes (its nearest pair).  Applied in the caller's
+    scope so the pHash stage keeps its step names; ``prefix`` names the steps
+    and shuffle meters of another caller, ``namespace`` its metrics.
+    """
+    adjacency = metered_group(half_edges, f"{prefix}Adjacency")
+    state = adjacency | f"{prefix}InitLabels" >> beam.FlatMap(_initial_state)
+    for round_ in range(rounds):
+        counter = "unconverged_nodes" if round_ == rounds - 1 else "label_changes"
+        state = (metered_group(state | f"{prefix}Send{round_}" >> beam.FlatMap(_send),
+                               f"{prefix}Gather{round_}")
+                 | f"{prefix}Update{round_}" >> beam.ParDo(_UpdateFn(counter, namespace)))
+    return state | f"{prefix}Labels" >> beam.MapTuple(_label_and_note)
 
 
 class HashImages(beam.PTransform):

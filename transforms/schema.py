@@ -122,7 +122,9 @@ LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 
 #: Transient fields that travel with a record between stages but never reach
 #: the ledger (image bytes stay out of the ledger by construction).
-TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref", "clip_columns")
+#: ``image_embedding``: the CLIP image embedding (L2-normalised, float16 bytes), carried
+#: from the CLIP stage to semantic dedup only when dedup.semantic is enabled.
+TRANSIENT_FIELDS = ("image", "raw", "extra", "image_ref", "clip_columns", "image_embedding")
 #: The CLIP stage's own columns (tag_<name>, head_<name>, from clip.tags / clip.heads) travel in
 #: the record's "clip_columns" dict and follow clip_score in the ledger (ledger_schema).
 CLIP_COLUMN_PREFIXES = ("tag_", "head_")

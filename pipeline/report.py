@@ -44,6 +44,7 @@ REPORT_NAME = "report.html"
 STAGE_OF_STATUS: Dict[str, str] = {
     "invalid_input": "validate",
     "caption_filtered": "caption prefilter",
+    "language_filtered": "caption language",
     "duplicate_input": "input dedup",
     "fetch_failed": "fetch",
     "disallowed": "fetch (opt-out header)",

@@ -170,8 +170,9 @@ def langdetect_detector() -> Detector:
 
 
 def paircurate_detector() -> Detector:
-    from paircurate.transforms.language import detect
+    from paircurate.transforms.language import detect, detector
 
+    detector()  # the model, loaded here so that the load time shows it
     return lambda texts: [detect(t) for t in texts]
 
 
@@ -281,6 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    import paircurate.transforms.language  # noqa: F401  (imports Beam: not a load time to count)
+
     samples = build_set(args.per_lang, args.seed)
     counts = collections.Counter(lang for _, lang in samples)
     print(f"{len(samples)} samples: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

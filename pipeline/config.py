@@ -44,6 +44,13 @@ class FilterConfig:
     max_caption_length: int = 10000
     # Exact URL+caption dedup of the input list (duplicate_input).
     dedup_input: bool = True
+    # Caption language (transforms/language.py): detect it (caption_language, _score columns).
+    detect_language: bool = True
+    # Keep only captions in these ISO 639-1 languages ("und": no language detected); empty: all.
+    # Others are language_filtered before anything is downloaded.
+    languages: List[str] = field(default_factory=list)
+    # Below this probability a caption has no detected language (und); see README.
+    language_min_score: float = 0.2
 
 
 @dataclass
@@ -381,6 +388,7 @@ RANGES: Dict[str, Bounds] = {
     "input.split_bytes": AT_LEAST_ONE,
     "filter.min_caption_length": NON_NEGATIVE,
     "filter.max_caption_length": AT_LEAST_ONE,
+    "filter.language_min_score": Bounds(0, 1),     # a probability
     "fetch.threads": AT_LEAST_ONE,
     "fetch.connect_timeout": POSITIVE,
     "fetch.timeout": POSITIVE,
@@ -466,6 +474,11 @@ def validate(config: Config) -> None:
     if config.image.encode_format == "png" and not 0 <= config.image.encode_quality <= 9:
         raise ConfigError("with image.encode_format png, image.encode_quality is the PNG "
                           "compression level and must be 0-9")
+    if config.filter.languages:
+        from paircurate.transforms.language import check_languages
+        if not config.filter.detect_language:
+            raise ConfigError("filter.languages needs filter.detect_language: true")
+        check_languages(config.filter.languages)
     clip = config.clip
     if clip.min_score is not None and clip.keep_fraction is not None:
         raise ConfigError("set clip.min_score or clip.keep_fraction, not both")

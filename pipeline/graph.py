@@ -10,6 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config
 from paircurate.schema import is_live
+from paircurate.transforms.language import check_input as check_language_input
 from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
 from paircurate.transforms.validate import ValidateAndFilter
 from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards, write_json
@@ -70,6 +71,7 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
     tasks = plan_reads(input_pattern, config.input)
     carried = carried_columns(tasks, config.input)
     has_captions = any(t.fmt != "txt" for t in tasks)
+    check_language_input(config.filter.languages, has_captions)
     return InputPlan(tasks, carried, has_captions)
 
 

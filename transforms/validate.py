@@ -10,6 +10,7 @@ import apache_beam as beam
 from paircurate.config import FilterConfig
 from paircurate.beam_util import metered_group
 from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.language import DetectLanguage
 
 
 def validate(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -114,7 +115,7 @@ class _Unpacked:
 
 
 class ValidateAndFilter(beam.PTransform):
-    """validate -> caption prefilter -> URL+caption dedup (a shuffle on the pair)."""
+    """validate -> caption prefilter -> caption language -> URL+caption dedup (a shuffle on the pair)."""
 
     def __init__(self, config: FilterConfig, has_captions: bool = True):
         super().__init__()
@@ -126,6 +127,9 @@ class ValidateAndFilter(beam.PTransform):
         checked = (records
                    | "Validate" >> beam.Map(validate)
                    | "Caption" >> beam.Map(prefilter_caption, config, has_captions))
+        if config.detect_language:
+            checked = checked | "Language" >> DetectLanguage(
+                config.languages, config.language_min_score, has_captions)
         if not config.dedup_input:
             return checked
         live, done = checked | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)

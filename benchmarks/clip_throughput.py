@@ -324,6 +324,26 @@ def stub_forward() -> None:
         cls.encode_text = encode
 
 
+def stub_images() -> None:
+    """The fast path's image decode and resize cost nothing (the model gets uninitialised input):
+    with stub_forward, what a stage run still costs is its per-pair Python work (Beam, reads,
+    tokenization, batching), the part that a GPU host's CPUs must still do."""
+    import torch
+
+    from paircurate.transforms.clip_model import LoadedClip
+
+    def decode(self, data):
+        return "ready", None
+
+    def chunk(self, futures, start, end, errors, on_device=None):
+        for i in range(start, end):
+            futures[i]
+        return torch.empty((end - start, 3, *self.image_size))
+
+    LoadedClip._decode_fast = decode
+    LoadedClip._fast_chunk = chunk
+
+
 def torch_float():
     import torch
     return torch.float32
@@ -376,6 +396,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stub-forward", action="store_true",
                         help="replace encode_image/encode_text by zeros (in this process, Beam's in_memory "
                              "runner included): the CPU figures of a large model on a CPU, without its forward")
+    parser.add_argument("--stub-images", action="store_true",
+                        help="with --stub-forward and clip.preprocess=fast: no image decode or resize either, "
+                             "so the CPU figures are the stage's per-pair Python work alone")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -385,6 +408,8 @@ def main(argv=None) -> int:
 
     if args.stub_forward:
         stub_forward()
+    if args.stub_images:
+        stub_images()
 
     started = time.perf_counter()
     photos = photo_pairs(args.photos) if args.photos else ()

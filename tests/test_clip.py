@@ -532,7 +532,7 @@ def test_staged_pairs_are_read_once_and_leave_slim(tmp_path, monkeypatch):
     config = Config(clip=tiny_config())
     with tempfile.TemporaryDirectory() as folder:
         with test_pipeline() as p:
-            (p | beam.Create(slim, reshuffle=False) | add_clip_wrapper(config, str(tmp_path))
+            (p | beam.Create(slim, reshuffle=False) | AddClip(config, str(tmp_path))
              | beam.Map(_dump, folder))
         out = {}
         for name in os.listdir(folder):
@@ -552,7 +552,9 @@ def test_staged_pairs_are_read_once_and_leave_slim(tmp_path, monkeypatch):
             assert set(got) == set(staging.DECIDED_FIELDS)
 
 
-class add_clip_wrapper(beam.PTransform):
+class AddClip(beam.PTransform):
+    """graph.add_clip as a transform (staging folder doubles as the output root)."""
+
     def __init__(self, config, staging_dir):
         super().__init__()
         self._config, self._staging = config, staging_dir

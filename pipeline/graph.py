@@ -135,7 +135,8 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
     from paircurate.transforms.staging import Rehydrate, Slim
 
     if staging:
-        records = records | "ClipDetails" >> Rehydrate(staging, live_only=True)
+        # Details and bytes in one read; the stage drops the bytes once a pair is scored.
+        records = records | "ClipDetails" >> Rehydrate(staging, live_only=True, with_image=True)
     semantic = semantic_enabled(config)
     records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging,
                                                  image_embeddings=semantic)

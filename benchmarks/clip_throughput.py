@@ -238,9 +238,46 @@ def stage_without_beam(loaded, images, captions, batch: int) -> Dict[str, float]
             **{f"time_{k}_s": round(v, 3) for k, v in parts.items()}}
 
 
+def stage_shards(paths: Sequence[str], folder: str) -> List[str]:
+    """Stage the pairs of ``paths`` as the pipeline does before dedup: one segment per shard.
+
+    Returns the segments' index files, which stage_in_beam turns into the slim
+    records that reach the CLIP stage (reused when already there).
+    """
+    from paircurate.score import input_root, read_shard
+    from paircurate.transforms.staging import SegmentWriter, list_indexes
+
+    marker = os.path.join(folder, f"done-{len(paths)}")
+    if not os.path.exists(marker):
+        os.makedirs(folder, exist_ok=True)
+        root = input_root(paths)
+        for path in paths:
+            writer = SegmentWriter(folder, max_records=1 << 30, max_bytes=1 << 40)
+            for record in read_shard(path, root, 1 << 26):
+                writer.stage(record)
+            writer.close()
+        open(marker, "w").close()
+    return list_indexes(folder)
+
+
+def slim_records(index_path: str):
+    """The slim records of one staged segment, as dedup hands them to the CLIP stage."""
+    from paircurate.transforms.staging import DECIDED_FIELDS, read_index
+
+    for uid, entry in read_index(index_path):
+        record = dict.fromkeys(DECIDED_FIELDS)
+        record.update(uid=uid, status="ok", image_ref=entry["ref"])
+        yield record
+
+
 def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
-                  mode: str = "multi_threading") -> Dict[str, float]:
-    """Read the shards and score them with ScoreAndFilter (no filter) on the local runner.
+                  mode: str = "multi_threading", staging: str = "") -> Dict[str, float]:
+    """Score pairs with the CLIP stage (no filter) on the local runner.
+
+    Without ``staging``: read the shards and score the records (image bytes
+    carried), as ``paircurate score`` does.  With it, ``paths`` are staging
+    index files: slim records go through the pipeline's own CLIP wiring
+    (graph.add_clip: details and bytes read back from staging), as in ``run``.
 
     workers > 1 runs bundles on that many threads of this process (they share
     one model), or with mode multi_processing on that many worker processes
@@ -250,17 +287,23 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
     import apache_beam as beam
 
     from paircurate.transforms.beam_util import make_pipeline
-    from paircurate.score import _ReadShard
+    from paircurate.config import Config
+    from paircurate.graph import add_clip
+    from paircurate.score import _ReadShard, input_root
     from paircurate.transforms.clip import ScoreAndFilter
 
     started, cpu = time.perf_counter(), cpu_seconds()
     options = ([f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
                if workers > 1 else [])
     pipeline = make_pipeline("DirectRunner", options)
-    (pipeline
-     | beam.Create(list(paths))
-     | beam.ParDo(_ReadShard())
-     | ScoreAndFilter(clip_config, None)
+    if staging:
+        records = (pipeline | beam.Create(list(paths)) | beam.FlatMap(slim_records))
+        scored = add_clip(records, Config(clip=clip_config), staging, staging)
+    else:
+        scored = (pipeline | beam.Create(list(paths))
+                  | beam.ParDo(_ReadShard(input_root(paths), 1 << 26))
+                  | ScoreAndFilter(clip_config, None))
+    (scored
      | beam.Map(lambda r: 1 if r.get("clip_score") is not None else 0)
      | beam.CombineGlobally(sum)
      | beam.Map(lambda n: print(f"      beam: {n} pairs scored", flush=True)))
@@ -279,6 +322,26 @@ def stub_forward() -> None:
     for cls in (open_clip.CLIP, open_clip.CustomTextCLIP):
         cls.encode_image = encode
         cls.encode_text = encode
+
+
+def stub_images() -> None:
+    """The fast path's image decode and resize cost nothing (the model gets uninitialised input):
+    with stub_forward, what a stage run still costs is its per-pair Python work (Beam, reads,
+    tokenization, batching), the part that a GPU host's CPUs must still do."""
+    import torch
+
+    from paircurate.transforms.clip_model import LoadedClip
+
+    def decode(self, data):
+        return "ready", None
+
+    def chunk(self, futures, start, end, errors, on_device=None):
+        for i in range(start, end):
+            futures[i]
+        return torch.empty((end - start, 3, *self.image_size))
+
+    LoadedClip._decode_fast = decode
+    LoadedClip._fast_chunk = chunk
 
 
 def torch_float():
@@ -322,6 +385,9 @@ def main(argv=None) -> int:
                         help="pairs per shard (shards are what Beam workers share out)")
     parser.add_argument("--beam-mode", default="multi_threading", choices=("multi_threading", "multi_processing"),
                         help="how --beam-workers run")
+    parser.add_argument("--beam-source", default="shards", choices=("shards", "staging"),
+                        help="the Beam stage reads WebDataset shards (carried bytes, like `score`) or slim "
+                             "records whose details and bytes are staged (like `run`, after dedup)")
     parser.add_argument("--share-model", action="store_true", help="clip.share_model_across_processes=true")
     parser.add_argument("--beam-workers", type=int, default=1,
                         help="local runner bundle threads (they share the model; threads, never processes)")
@@ -330,6 +396,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stub-forward", action="store_true",
                         help="replace encode_image/encode_text by zeros (in this process, Beam's in_memory "
                              "runner included): the CPU figures of a large model on a CPU, without its forward")
+    parser.add_argument("--stub-images", action="store_true",
+                        help="with --stub-forward and clip.preprocess=fast: no image decode or resize either, "
+                             "so the CPU figures are the stage's per-pair Python work alone")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -339,6 +408,8 @@ def main(argv=None) -> int:
 
     if args.stub_forward:
         stub_forward()
+    if args.stub_images:
+        stub_images()
 
     started = time.perf_counter()
     photos = photo_pairs(args.photos) if args.photos else ()
@@ -416,10 +487,14 @@ def main(argv=None) -> int:
             if not args.skip_beam and mode in args.beam_preprocess.split(","):
                 # Two runs, on a fifth of the shards and on all of them: the difference is the
                 # marginal cost per pair, free of pipeline start, worker start and model loads.
-                small_paths = paths[:max(1, len(paths) // 5)]
+                sources, staging = paths, ""
+                if args.beam_source == "staging":
+                    staging = os.path.join(args.workdir, f"staged-{kind}-{args.n}-{args.per_shard}")
+                    sources = stage_shards(paths, staging)
+                small_paths = sources[:max(1, len(sources) // 5)]
                 small_n = min(args.n, len(small_paths) * args.per_shard)
-                small = stage_in_beam(config, small_paths, args.beam_workers, args.beam_mode)
-                full = stage_in_beam(config, paths, args.beam_workers, args.beam_mode)
+                small = stage_in_beam(config, small_paths, args.beam_workers, args.beam_mode, staging)
+                full = stage_in_beam(config, sources, args.beam_workers, args.beam_mode, staging)
                 beam_figures = {"seconds": full["seconds"], "pairs_per_s": rate(args.n, full["seconds"])}
                 if small_n < args.n:
                     extra = args.n - small_n

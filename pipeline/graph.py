@@ -9,6 +9,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config
+from paircurate.transforms.language import check_input as check_language_input
 from paircurate.transforms.schema import is_live
 from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
 from paircurate.transforms.validate import ValidateAndFilter
@@ -71,6 +72,7 @@ def plan_input(input_pattern: str, config: Config) -> InputPlan:
     tasks = plan_reads(input_pattern, config.input)
     carried = carried_columns(tasks, config.input)
     has_captions = any(t.fmt != "txt" for t in tasks)
+    check_language_input(config.filter.languages, has_captions)
     return InputPlan(tasks, carried, has_captions)
 
 
@@ -134,7 +136,8 @@ def add_clip(records, config: Config, output_root: str, staging: Optional[str]):
     from paircurate.transforms.staging import Rehydrate, Slim
 
     if staging:
-        records = records | "ClipDetails" >> Rehydrate(staging, live_only=True)
+        # Details and bytes in one read; the stage drops the bytes once a pair is scored.
+        records = records | "ClipDetails" >> Rehydrate(staging, live_only=True, with_image=True)
     semantic = semantic_enabled(config)
     records = records | "Clip" >> ScoreAndFilter(config.clip, output_root, staging,
                                                  image_embeddings=semantic)

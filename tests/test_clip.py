@@ -515,3 +515,51 @@ def test_fast_path_batch_decode_scores_within_bound_and_falls_back():
     assert diff.max() <= 0.01 and diff.mean() <= 0.003
     decoded = fast._decode_on_device(images, 8, 16)
     assert sorted(decoded) == [i for i in range(8, 16) if clip_model.is_jpeg(images[i])]
+
+
+def test_staged_pairs_are_read_once_and_leave_slim(tmp_path, monkeypatch):
+    """The pipeline's CLIP wiring (graph.add_clip) on staged records: one staging read per pair."""
+    from paircurate.config import Config
+    from paircurate.transforms import staging
+
+    records = make_records(12, seed=3, caption_none=(4,), dead=(7,))
+    writer = staging.SegmentWriter(str(tmp_path), 1000, 1 << 30)
+    slim = [writer.stage(dict(r)) if r["status"] == "ok" else r for r in records]
+    writer.close()
+    carried = run_stage(records, tiny_config())
+    reads = []
+    real_read = staging.StagedReader.read
+    monkeypatch.setattr(staging.StagedReader, "read", lambda self, ref: reads.append(ref) or real_read(self, ref))
+    config = Config(clip=tiny_config())
+    with tempfile.TemporaryDirectory() as folder:
+        with test_pipeline() as p:
+            (p | beam.Create(slim, reshuffle=False) | AddClip(config, str(tmp_path))
+             | beam.Map(_dump, folder))
+        out = {}
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), "rb") as handle:
+                record = pickle.load(handle)
+                out[record["uid"]] = record
+    assert len(out) == 12
+    assert sorted(reads) == sorted(r["image_ref"] for r in slim if r.get("image_ref"))  # each blob once
+    for record in records:
+        got = out[record["uid"]]
+        assert got["status"] == carried[record["uid"]]["status"]
+        if carried[record["uid"]]["clip_score"] is None:
+            assert got["clip_score"] is None
+        else:
+            assert abs(got["clip_score"] - carried[record["uid"]]["clip_score"]) < 1e-6
+        if got.get("image_ref"):  # staged records leave slim: details and bytes stay in staging
+            assert set(got) == set(staging.DECIDED_FIELDS)
+
+
+class AddClip(beam.PTransform):
+    """graph.add_clip as a transform (staging folder doubles as the output root)."""
+
+    def __init__(self, config, staging_dir):
+        super().__init__()
+        self._config, self._staging = config, staging_dir
+
+    def expand(self, records):
+        from paircurate.graph import add_clip
+        return add_clip(records, self._config, self._staging, self._staging)

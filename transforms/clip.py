@@ -230,6 +230,8 @@ class _AttachScore(beam.DoFn):
         if record["uid"] != uid:  # cannot happen unless a handler reorders a batch
             raise RuntimeError(f"CLIP result for {uid} attached to {record['uid']}")
         score, error, emb, columns = result.inference
+        if record.get("image_ref"):  # bytes read back from staging for the model: not needed further
+            record["image"] = None
         if error is not None:
             # The decode stage accepted these bytes; the model's decoder did not.
             mark(record, Status.DECODE_FAILED, f"not_image: clip: {error}")

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
+
+from paircurate.transforms.clip_tokenize import fast_tokenizer
 from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
 
 
@@ -585,7 +587,7 @@ class LoadedClip:
                 model = open_clip.create_model(
                     r.name, pretrained=r.pretrained, device=self.device, precision="fp32",
                     cache_dir=config.cache_dir, force_preprocess_cfg=r.preprocess or None)
-            self.tokenizer = open_clip.get_tokenizer(r.name, cache_dir=config.cache_dir)
+            tokenizer = open_clip.get_tokenizer(r.name, cache_dir=config.cache_dir)
         except ClipModelError:
             raise
         except Exception as exc:  # open_clip's own errors, reworded once
@@ -593,6 +595,8 @@ class LoadedClip:
                                  f"{type(exc).__name__}: {exc}") from exc
         model.eval()
         self.model = model
+        # The same token ids with less Python per caption, where the model uses CLIP's own BPE.
+        self.tokenizer = fast_tokenizer(tokenizer) or tokenizer
         self.preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
         split = split_transform(self.preprocess)
         self.pil_steps = split[0] if split else None

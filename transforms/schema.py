@@ -20,6 +20,7 @@ class Status(str, enum.Enum):
     OK = "ok"
     INVALID_INPUT = "invalid_input"
     CAPTION_FILTERED = "caption_filtered"
+    LANGUAGE_FILTERED = "language_filtered"
     DUPLICATE_INPUT = "duplicate_input"
     FETCH_FAILED = "fetch_failed"
     DISALLOWED = "disallowed"
@@ -29,7 +30,6 @@ class Status(str, enum.Enum):
     DUPLICATE_EXACT = "duplicate_exact"
     DUPLICATE_NEAR = "duplicate_near"
     CLIP_FILTERED = "clip_filtered"
-    LANGUAGE_FILTERED = "language_filtered"
     TAG_FILTERED = "tag_filtered"
     DUPLICATE_SEMANTIC = "duplicate_semantic"
 
@@ -117,6 +117,8 @@ LEDGER_FIELDS: List[pa.Field] = [
     pa.field("near_signature", pa.string()),
     pa.field("duplicate_of", pa.string()),
     pa.field("clip_score", pa.float32()),
+    pa.field("caption_language", pa.string()),
+    pa.field("caption_language_score", pa.float32()),
 ]
 LEDGER_COLUMNS: List[str] = [f.name for f in LEDGER_FIELDS]
 

@@ -281,9 +281,10 @@ class StageImages(beam.PTransform):
 
 
 class _RehydrateFn(beam.DoFn):
-    def __init__(self, folder: str, live_only: bool):
+    def __init__(self, folder: str, live_only: bool, with_image: bool = False):
         self._folder = folder
         self._live_only = live_only
+        self._with_image = with_image
 
     def setup(self):
         self._reader = StagedReader(self._folder)
@@ -292,7 +293,7 @@ class _RehydrateFn(beam.DoFn):
         if self._live_only and not is_live(record):
             yield record
         else:
-            yield self._reader.rehydrate(record)
+            yield self._reader.rehydrate(record, self._with_image)
 
     def teardown(self):
         if getattr(self, "_reader", None) is not None:
@@ -300,11 +301,15 @@ class _RehydrateFn(beam.DoFn):
 
 
 class Rehydrate(beam.PTransform):
-    """Slim staged records -> whole records (without image bytes); others pass unchanged."""
+    """Slim staged records -> whole records (image bytes only ``with_image``); others pass unchanged.
 
-    def __init__(self, folder: str, live_only: bool = False):
+    With image bytes, the next steps must be fused with this one (no shuffle, no
+    side-input wait) and drop them again: they are what staging keeps out of shuffles.
+    """
+
+    def __init__(self, folder: str, live_only: bool = False, with_image: bool = False):
         super().__init__()
-        self._fn = _RehydrateFn(folder, live_only)
+        self._fn = _RehydrateFn(folder, live_only, with_image)
 
     def expand(self, records):
         return records | "Rehydrate" >> beam.ParDo(self._fn)

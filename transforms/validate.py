@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
 
 from paircurate.transforms.beam_util import metered_group
+from paircurate.transforms.language import DetectLanguage, check_languages
 from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
 from paircurate.transforms.stage import RecordStage, Verdict
-from paircurate.transforms.settings import AT_LEAST_ONE, ConfigError, NON_NEGATIVE, setting
+from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, setting
 
 
 @dataclass
@@ -21,10 +22,21 @@ class FilterConfig:
     max_caption_length: int = setting(10000, AT_LEAST_ONE)
     # Exact URL+caption dedup of the input list (duplicate_input).
     dedup_input: bool = True
+    # Caption language (transforms/language.py): detect it (caption_language, _score columns).
+    detect_language: bool = True
+    # Keep only captions in these ISO 639-1 languages ("und": no language detected); empty: all.
+    # Others are language_filtered before anything is downloaded.
+    languages: List[str] = field(default_factory=list)
+    # Below this probability a caption has no detected language (und); see README.
+    language_min_score: float = setting(0.2, Bounds(0, 1))  # a probability
 
     def check(self) -> None:
         if self.min_caption_length > self.max_caption_length:
             raise ConfigError("filter.min_caption_length must not exceed filter.max_caption_length")
+        if self.languages:
+            if not self.detect_language:
+                raise ConfigError("filter.languages needs filter.detect_language: true")
+            check_languages(self.languages)
 
 
 class ValidateInput(RecordStage):
@@ -139,7 +151,7 @@ class _Unpacked:
 
 
 class ValidateAndFilter(beam.PTransform):
-    """validate -> caption prefilter -> URL+caption dedup (a shuffle on the pair)."""
+    """validate -> caption prefilter -> caption language -> URL+caption dedup (a shuffle on the pair)."""
 
     def __init__(self, config: FilterConfig, has_captions: bool = True):
         super().__init__()
@@ -151,6 +163,9 @@ class ValidateAndFilter(beam.PTransform):
         checked = (records
                    | "Validate" >> beam.ParDo(ValidateInput())
                    | "Caption" >> beam.ParDo(CaptionFilter(config, has_captions)))
+        if config.detect_language:
+            checked = checked | "Language" >> DetectLanguage(
+                config.languages, config.language_min_score, has_captions)
         if not config.dedup_input:
             return checked
         live, done = checked | "SplitLive" >> beam.Partition(lambda r, _: 0 if is_live(r) else 1, 2)

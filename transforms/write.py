@@ -47,7 +47,7 @@ TAR_MTIME = 946684800
 #: Ledger fields that go into each sample's {key}.json beside the carried columns.
 SAMPLE_JSON_FIELDS = ("uid", "key", "url", "caption", "width", "height", "original_width",
                       "original_height", "sha256", "image_sha256", "phash", "clip_score",
-                      "source", "position")
+                      "source", "position", "caption_language", "caption_language_score")
 
 
 def shard_name(index: int) -> str:

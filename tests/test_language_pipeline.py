@@ -12,7 +12,7 @@ from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image
 from paircurate.imageserver import Route
 from paircurate.run import run_pipeline
-from paircurate.transforms.write import iter_shard
+from paircurate.transforms.files import iter_shard
 
 CAPTIONS = [
     ("en", "a red bicycle leaning against a brick wall", "ok"),

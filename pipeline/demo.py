@@ -142,7 +142,7 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
 
     ``pair`` says how a served picture and its caption relate: "matched" (its own
     caption), "mismatched" (another picture's), "translated" (its own, in another
-    language); empty for rows whose fate is decided before CLIP.
+    language; a row listed twice keeps it); empty for the other rows.
     """
     rng = random.Random(seed)
     rows: List[Dict[str, str]] = []
@@ -157,14 +157,14 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
         body = encode(image)
         originals.append((image, body, caption))
         add(f"/img/{i}.jpg", Route(body), caption, "ok", "matched")
-    # Pictures of their own (seeds the originals do not use), served with a caption that
-    # describes another picture, or their own caption in another language.
+    # Pictures of their own (the seeds after the originals'), served with a caption that
+    # describes another picture, or with their own caption in another language.
     for i in range(MISMATCHED_ROWS):
-        image, caption = synthetic_image(seed * 100000 + 50000 + i)
+        image, caption = synthetic_image(seed * 100000 + n_images + i)
         other = rng.choice([c for _, _, c in originals if c != caption])
         add(f"/mismatched/{i}.jpg", Route(encode(image)), other, "clip_filtered", "mismatched")
     for i in range(TRANSLATED_ROWS):
-        image, caption = synthetic_image(seed * 100000 + 60000 + i)
+        image, caption = synthetic_image(seed * 100000 + n_images + MISMATCHED_ROWS + i)
         add(f"/translated/{i}.jpg", Route(encode(image)), translated_caption(caption, LANGUAGES[i % 3]),
             TRANSLATED_EXPECT, "translated")
     for i in range(20):  # the same URL and caption listed twice

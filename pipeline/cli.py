@@ -159,21 +159,19 @@ def demo(output: str, images: int, no_clip: bool, quiet: bool) -> None:
     """Run the whole pipeline offline on a generated sample served from loopback.
 
     Generates images and captions (with duplicates, broken URLs, non-images,
-    corrupt files, short captions, opted-out and blocked URLs mixed in), serves
-    them on 127.0.0.1, runs the pipeline and prints the summary.
+    corrupt files, short captions, opted-out and blocked URLs, and pictures with
+    another picture's caption mixed in), serves them on 127.0.0.1, runs the
+    pipeline with the demo's small trained CLIP and prints the summary.
     """
-    from paircurate.config import find_config_file
-    from paircurate.demo import DEMO_MODEL_CONFIG, build_sample, demo_overrides, write_input
+    from paircurate.demo import DEMO_MIN_SCORE, build_sample, demo_checkpoint, demo_overrides, write_input
     from paircurate.imageserver import ImageServer
     from paircurate.run import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    clip_available = not no_clip
-    if clip_available:
-        try:
-            find_config_file(os.path.join("models", DEMO_MODEL_CONFIG + ".json"))
-        except ConfigError:
-            clip_available = False
+    checkpoint = None if no_clip else demo_checkpoint()
+    if not no_clip and checkpoint is None:
+        click.echo("demo: the demo CLIP's weights are not installed (paircurate/configs/models/"
+                   "paircurate-demo.safetensors); running without CLIP")
     started = time.time()
     # Replace an earlier demo in the same folder, but never an unrelated finished run.
     overwrite = os.path.isdir(os.path.join(output, "demo-input"))
@@ -182,9 +180,9 @@ def demo(output: str, images: int, no_clip: bool, quiet: bool) -> None:
         input_path = os.path.join(output, "demo-input", "input.parquet")
         write_input(rows, input_path)
         click.echo(f"demo: {len(rows)} input rows served from http://{server.host_port}; "
-                   f"CLIP {'on (tiny random-weight model)' if clip_available else 'off'}")
+                   f"CLIP {f'on (the demo model, min_score {DEMO_MIN_SCORE})' if checkpoint else 'off'}")
         try:
-            config = load_config(None, demo_overrides(server.host_port, clip_available))
+            config = load_config(None, demo_overrides(server.host_port, checkpoint))
             stats = run_pipeline(input_path, output, config, overwrite=overwrite, display=display_mode(quiet))
         except _user_errors() as exc:
             raise click.ClickException(str(exc)) from None

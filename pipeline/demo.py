@@ -2,13 +2,24 @@
 
 The sample mixes good pairs with every common kind of bad row (duplicates,
 broken and blocked URLs, non-images, corrupt files, short captions, opted-out
-images) so that the summary shows each status at work.
+images, pictures served with another picture's caption) so that the summary
+shows each status at work.
+
+Its CLIP is the demo model (configs/models/paircurate-demo.json and .safetensors,
+trained by scripts/train_demo_clip.py on pictures like these), so the CLIP filter
+is real: matched pairs score high and are kept, mismatched ones score low and
+end clip_filtered.  The model knows English only: the captions in German, French
+and Spanish score like mismatched ones and end clip_filtered as well, which is
+what an English CLIP does to the other languages of a multilingual crawl.
 """
 from __future__ import annotations
 
+import importlib.resources
 import io
+import json
 import os
 import random
+import re
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,7 +34,45 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
            "black": (20, 20, 20), "white": (245, 245, 245), "grey": (128, 128, 128),
            "teal": (30, 150, 150)}
 SHAPES = ("circle", "square", "triangle", "stripes", "cross")
-DEMO_MODEL_CONFIG = "paircurate-tiny"
+DEMO_MODEL_CONFIG = "paircurate-demo"
+DEMO_CHECKPOINT = "paircurate-demo.safetensors"
+#: The demo's clip.min_score, as scripts/train_demo_clip.py printed it when it trained the
+#: shipped checkpoint: on 1,000 held-out pictures (seeds never trained on) the matched and
+#: mismatched scores overlap at their edges (no gap to take the midpoint of), so it is the
+#: cut that misclassifies the fewest: 98.9% of matched pairs kept, 1.3% of mismatched.
+DEMO_MIN_SCORE = 0.727
+#: How many pictures the demo serves with another picture's caption, and with their own
+#: caption translated (German, French, Spanish in turn).
+MISMATCHED_ROWS = 40
+TRANSLATED_ROWS = 12
+LANGUAGES = ("de", "fr", "es")
+#: What the demo's English-only CLIP does to a caption in another language.
+TRANSLATED_EXPECT = "clip_filtered"
+
+# The demo's captions in other languages: colour forms (masculine, feminine, feminine plural)
+# and shapes with their article, so that the translations agree in gender and number.
+_CAPTION = re.compile(r"a (\w+) (\w+) on a (\w+) background")
+_TRANSLATIONS = {
+    "de": {"colours": {"red": "Rot", "green": "Grün", "blue": "Blau", "yellow": "Gelb", "purple": "Lila",
+                       "orange": "Orange", "black": "Schwarz", "white": "Weiß", "grey": "Grau",
+                       "teal": "Türkis"},
+           "shapes": {"circle": "ein Kreis", "square": "ein Quadrat", "triangle": "ein Dreieck",
+                      "stripes": "Streifen", "cross": "ein Kreuz"}},
+    "fr": {"colours": {"red": ("rouge", "rouge", "rouges"), "green": ("vert", "verte", "vertes"),
+                       "blue": ("bleu", "bleue", "bleues"), "yellow": ("jaune", "jaune", "jaunes"),
+                       "purple": ("violet", "violette", "violettes"), "orange": ("orange",) * 3,
+                       "black": ("noir", "noire", "noires"), "white": ("blanc", "blanche", "blanches"),
+                       "grey": ("gris", "grise", "grises"), "teal": ("turquoise",) * 3},
+           "shapes": {"circle": ("un cercle", 0), "square": ("un carré", 0), "triangle": ("un triangle", 0),
+                      "stripes": ("des rayures", 2), "cross": ("une croix", 1)}},
+    "es": {"colours": {"red": ("rojo", "roja", "rojas"), "green": ("verde", "verde", "verdes"),
+                       "blue": ("azul", "azul", "azules"), "yellow": ("amarillo", "amarilla", "amarillas"),
+                       "purple": ("morado", "morada", "moradas"), "orange": ("naranja", "naranja", "naranjas"),
+                       "black": ("negro", "negra", "negras"), "white": ("blanco", "blanca", "blancas"),
+                       "grey": ("gris", "gris", "grises"), "teal": ("turquesa", "turquesa", "turquesas")},
+           "shapes": {"circle": ("un círculo", 0), "square": ("un cuadrado", 0), "triangle": ("un triángulo", 0),
+                      "stripes": ("unas rayas", 2), "cross": ("una cruz", 1)}},
+}
 
 
 def synthetic_image(seed: int, size: Optional[Tuple[int, int]] = None) -> Tuple[Image.Image, str]:
@@ -61,27 +110,63 @@ def synthetic_image(seed: int, size: Optional[Tuple[int, int]] = None) -> Tuple[
     return image, caption
 
 
+def translated_caption(caption: str, language: str) -> str:
+    """A synthetic_image caption in German ("de"), French ("fr") or Spanish ("es")."""
+    match = _CAPTION.fullmatch(caption)
+    if match is None or language not in _TRANSLATIONS:
+        raise ValueError(f"cannot translate {caption!r} into {language!r}")
+    fg, shape, bg = match.groups()
+    words = _TRANSLATIONS[language]
+    colours = words["colours"]
+    if language == "de":
+        return f"{words['shapes'][shape]} in {colours[fg]} auf einem Hintergrund in {colours[bg]}"
+    noun, form = words["shapes"][shape]
+    background = "sur un fond" if language == "fr" else "sobre un fondo"
+    return f"{noun} {colours[fg][form]} {background} {colours[bg][0]}"
+
+
 def encode(image: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, quality=quality)
     return buffer.getvalue()
 
 
+def demo_checkpoint() -> Optional[str]:
+    """The shipped weights of the demo's CLIP (package data of paircurate.configs), if present."""
+    path = importlib.resources.files("paircurate.configs").joinpath("models", DEMO_CHECKPOINT)
+    return str(path) if path.is_file() else None
+
+
 def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> List[Dict[str, str]]:
-    """Register the demo's routes on ``server``; return the input rows with expected statuses."""
+    """Register the demo's routes on ``server``; return the input rows with expected statuses.
+
+    ``pair`` says how a served picture and its caption relate: "matched" (its own
+    caption), "mismatched" (another picture's), "translated" (its own, in another
+    language; a row listed twice keeps it); empty for the other rows.
+    """
     rng = random.Random(seed)
     rows: List[Dict[str, str]] = []
 
-    def add(path: str, route: Route, caption: str, expect: str) -> None:
+    def add(path: str, route: Route, caption: str, expect: str, pair: str = "") -> None:
         server.routes[path] = route
-        rows.append({"url": server.url(path), "caption": caption, "expect": expect})
+        rows.append({"url": server.url(path), "caption": caption, "expect": expect, "pair": pair})
 
     originals = []
     for i in range(n_images):
         image, caption = synthetic_image(seed * 100000 + i)
         body = encode(image)
         originals.append((image, body, caption))
-        add(f"/img/{i}.jpg", Route(body), caption, "ok")
+        add(f"/img/{i}.jpg", Route(body), caption, "ok", "matched")
+    # Pictures of their own (the seeds after the originals'), served with a caption that
+    # describes another picture, or with their own caption in another language.
+    for i in range(MISMATCHED_ROWS):
+        image, caption = synthetic_image(seed * 100000 + n_images + i)
+        other = rng.choice([c for _, _, c in originals if c != caption])
+        add(f"/mismatched/{i}.jpg", Route(encode(image)), other, "clip_filtered", "mismatched")
+    for i in range(TRANSLATED_ROWS):
+        image, caption = synthetic_image(seed * 100000 + n_images + MISMATCHED_ROWS + i)
+        add(f"/translated/{i}.jpg", Route(encode(image)), translated_caption(caption, LANGUAGES[i % 3]),
+            TRANSLATED_EXPECT, "translated")
     for i in range(20):  # the same URL and caption listed twice
         rows.append(dict(rows[rng.randrange(n_images)]))
     for i in range(15):  # identical bytes under another URL
@@ -93,7 +178,7 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
         add(f"/copy/{i}.jpg", Route(encode(copy, quality=70)), caption + " copy", "duplicate_near")
     for i in range(10):
         rows.append({"url": server.url(f"/missing/{i}.jpg"), "caption": "a picture that is gone",
-                     "expect": "fetch_failed"})
+                     "expect": "fetch_failed", "pair": ""})
     for i in range(5):
         add(f"/page/{i}.html", Route(b"<html><body>hello</body></html>", "text/html"),
             "a web page, not an image", "fetch_failed")
@@ -107,9 +192,9 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
         add(f"/optout/{i}.jpg", Route(originals[i][1], headers=[("X-Robots-Tag", "noai")]),
             "a picture its publisher opted out", "disallowed")
     rows.append({"url": "http://169.254.169.254/latest/meta-data/", "caption": "cloud metadata endpoint",
-                 "expect": "blocked_address"})
-    rows.append({"url": "file:///etc/passwd", "caption": "a local file", "expect": "blocked_address"})
-    rows.append({"url": "", "caption": "a row without a URL", "expect": "invalid_input"})
+                 "expect": "blocked_address", "pair": ""})
+    rows.append({"url": "file:///etc/passwd", "caption": "a local file", "expect": "blocked_address", "pair": ""})
+    rows.append({"url": "", "caption": "a row without a URL", "expect": "invalid_input", "pair": ""})
     rng.shuffle(rows)
     # After shuffling, the first listing of a repeated URL+caption is the one kept.
     seen = {}
@@ -126,17 +211,19 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
 
 def write_input(rows: List[Dict[str, str]], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    table = pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows],
-                      "expect": [r["expect"] for r in rows]})
+    table = pa.table({name: [r.get(name, "") for r in rows] for name in ("url", "caption", "expect", "pair")})
     pq.write_table(table, path, row_group_size=100)
 
 
-def demo_overrides(host_port: str, clip_available: bool) -> List[str]:
+def demo_overrides(host_port: str, checkpoint: Optional[str]) -> List[str]:
+    """The demo's config: fetch from the loopback server only; the demo CLIP, or no CLIP when
+    ``checkpoint`` is None."""
     overrides = [f"fetch.allowed_hosts=[{host_port}]", "fetch.timeout=10", "fetch.retries=1",
                  "output.samples_per_shard=100"]
-    if clip_available:
-        overrides += [f"clip.model_config={DEMO_MODEL_CONFIG}", "clip.pretrained=none",
-                      "clip.device=cpu"]
+    if checkpoint:
+        # JSON quoting keeps the path one YAML string whatever it holds.
+        overrides += [f"clip.model_config={DEMO_MODEL_CONFIG}", f"clip.pretrained={json.dumps(checkpoint)}",
+                      f"clip.min_score={DEMO_MIN_SCORE}", "clip.device=cpu"]
     else:
         overrides += ["clip.enabled=false"]
     return overrides

@@ -43,3 +43,16 @@ def test_readme_holds_the_commands_ci_runs():
         assert re.search(rf"^\S.*\s{re.escape(tag)}$", readme, re.M), tag
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "command_for 'set up'" in ci and "command_for 'run the tests'" in ci
+
+
+def test_package_data_ships_every_model_file():
+    """configs/models/ (model configs, the demo CLIP's checkpoint) is installed as package data."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        patterns = tomllib.load(handle)["tool"]["setuptools"]["package-data"]["paircurate.configs"]
+    files = sorted(f"models/{name}" for name in os.listdir(os.path.join(ROOT, "configs", "models")))
+    assert "models/paircurate-demo.safetensors" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from paircurate.transforms.beam_util import make_pipeline
 from paircurate.cli import cli
 from paircurate.config import load_config
-from paircurate.demo import build_sample, demo_overrides, encode, synthetic_image, write_input
+from paircurate.demo import build_sample, demo_checkpoint, demo_overrides, encode, synthetic_image, write_input
 from paircurate.graph import OutputLayout, build, plan_input
 from paircurate.imageserver import Route
 from paircurate.run import RUN_MARKER, earlier_runs, run_nightly, run_pipeline
@@ -92,7 +92,8 @@ def test_dataflow_dry_run_from_the_cli(tmp_path, image_server, parquet_input):
 
 
 def portable_sample(server, tmp_path):
-    """The demo's input (315 rows, every status: duplicates of all kinds, bad URLs, bad files)."""
+    """The demo's input (367 rows, every status: duplicates of all kinds, bad URLs, bad files,
+    mismatched captions)."""
     rows = build_sample(server, n_images=240, seed=3)
     path = str(tmp_path / "input.parquet")
     write_input(rows, path)
@@ -100,9 +101,9 @@ def portable_sample(server, tmp_path):
 
 
 def portable_config(server):
-    # Dedup on, tiny CLIP with fixed random weights on CPU; one pair per model call, so that no
-    # score depends on how a runner cuts its bundles (and the shards' .json can be byte-compared).
-    return load_config(overrides=demo_overrides(server.host_port, clip_available=True)
+    # Dedup on, the demo's CLIP and filter on CPU; one pair per model call, so that no score
+    # depends on how a runner cuts its bundles (and the shards' .json can be byte-compared).
+    return load_config(overrides=demo_overrides(server.host_port, demo_checkpoint())
                        + ["clip.batch_size=1", "clip.preprocess_threads=1", "output.samples_per_shard=40"])
 
 

@@ -38,8 +38,7 @@ def model_inputs(loaded, images):
 
 
 def compare(model: str, images, captions, pretrained: str, batch: int):
-    from paircurate.transforms.clip_model import ClipConfig
-    from paircurate.transforms.clip_model import ClipModelError, find_model_config, load_clip
+    from paircurate.transforms.clip_model import ClipConfig, ClipModelError, find_model_config, load_clip
 
     try:
         find_model_config(model)

@@ -53,8 +53,7 @@ def main(argv=None) -> int:
 
     from clip_throughput import make_pair
 
-    from paircurate.transforms.clip_model import ClipConfig
-    from paircurate.transforms.clip_model import LoadedClip
+    from paircurate.transforms.clip_model import ClipConfig, LoadedClip
 
     pairs = [make_pair(i) for i in range(args.n)]
     images, captions = [p[0] for p in pairs], [p[1] for p in pairs]

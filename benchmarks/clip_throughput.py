@@ -142,8 +142,9 @@ def model_only(loaded, batch: int, seconds: float = 3.0) -> Tuple[float, float]:
     itself costs the host (all of it on CPU; launches and sync waits on CUDA),
     which the stage figures subtract to get the CPU spent outside the model.
     """
-    import torch
     from contextlib import nullcontext
+
+    import torch
 
     h, w = loaded.image_size
     x = torch.randn(batch, 3, h, w, device=loaded.device)
@@ -286,10 +287,10 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
     """
     import apache_beam as beam
 
-    from paircurate.transforms.beam_util import make_pipeline
     from paircurate.config import Config
     from paircurate.graph import add_clip
     from paircurate.score import _ReadShard, input_root
+    from paircurate.transforms.beam_util import make_pipeline
     from paircurate.transforms.clip import ScoreAndFilter
 
     started, cpu = time.perf_counter(), cpu_seconds()
@@ -350,8 +351,7 @@ def torch_float():
 
 
 def clip_config_for(model: str, args, preprocess: str = "exact") -> Any:
-    from paircurate.transforms.clip_model import ClipConfig
-    from paircurate.transforms.clip_model import find_model_config, ClipModelError
+    from paircurate.transforms.clip_model import ClipConfig, ClipModelError, find_model_config
 
     try:
         find_model_config(model)

@@ -25,8 +25,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from paircurate.transforms.beam_util import make_pipeline
-from paircurate.transforms.dedup import DedupConfig
-from paircurate.transforms.dedup import DeduplicateImages
+from paircurate.transforms.dedup import DedupConfig, DeduplicateImages
 from paircurate.transforms.phash import default_blocks, hash_hex, keys_per_hash
 
 SHARD = 50_000

@@ -220,10 +220,10 @@ def evaluate(name: str, samples: List[Tuple[str, str]], floors: Sequence[float])
             right = sum(code == lang for code, lang in named)
             print(f"  score >= {floor:<4}: {len(named) / len(samples):.3f} of captions get a language, "
                   f"{right / len(named):.3f} of them right; a filter keeps of each language: "
-                  + " ".join(f"{lang} {sum(c == lang == l for c, l in named) / n:.2f}"
+                  + " ".join(f"{lang} {sum(c == lang == label for c, label in named) / n:.2f}"
                              for lang, (_, n) in per_lang.items()))
             print("    and of the rows it keeps, the share in that language: " + " ".join(
-                f"{lang} {sum(c == lang == l for c, l in named) / max(1, sum(c == lang for c, _ in named)):.3f}"
+                f"{lang} {sum(c == lang == label for c, label in named) / max(1, sum(c == lang for c, _ in named)):.3f}"
                 for lang in per_lang))
 
 
@@ -240,10 +240,9 @@ def pipeline_cost(samples: List[Tuple[str, str]], rows: int, rounds: int) -> Non
     import apache_beam as beam
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from paircurate.transforms.validate import FilterConfig
-    from paircurate.transforms.schema import new_record
     from paircurate.transforms.language import detector
-    from paircurate.transforms.validate import ValidateAndFilter
+    from paircurate.transforms.schema import new_record
+    from paircurate.transforms.validate import FilterConfig, ValidateAndFilter
 
     records = [new_record(f"{i:032x}", f"http://example.com/{i}.jpg", samples[i % len(samples)][0],
                           "in.parquet", i, {}) for i in range(rows)]
@@ -290,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"mean length {sum(len(t) for t, _ in samples) / len(samples):.1f} characters")
     if args.show:
         for lang in LOCALES:
-            for text in [t for t, l in samples if l == lang][:args.show]:
+            for text in [t for t, label in samples if label == lang][:args.show]:
                 print(f"  {lang}: {text}")
     for name in args.only or list(CANDIDATES):
         try:

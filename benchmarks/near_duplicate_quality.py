@@ -296,7 +296,7 @@ def evaluate(data, ks=range(0, 15), min_information: float = 4.0, chosen_k: int 
 
 
 def print_report(result, ks, chosen_k: int, min_information: float) -> None:
-    print(f"\nInformation measure (grey levels), percentiles 1/5/50/95/99:")
+    print("\nInformation measure (grey levels), percentiles 1/5/50/95/99:")
     for label, values in result["info"].items():
         print(f"  {label:18s} " + " ".join(f"{v:7.2f}" for v in values))
     print(f"  below min_information={min_information}: structured images "
@@ -459,8 +459,8 @@ def photo_transformed(data: bytes, name: str, rng: random.Random) -> bytes:
 
 def _photo_job(args) -> List[Tuple[int, str, Dict]]:
     """Hashed records (the pipeline's hash_record) of one base and its copies, for each rule."""
-    from paircurate.transforms.schema import new_record
     from paircurate.transforms.dedup import hash_record
+    from paircurate.transforms.schema import new_record
 
     base_id, data, seed, configs = args
     rng = random.Random(seed)

@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from paircurate.transforms.resize import ImageConfig
-    from paircurate.transforms.resize import make_resizer
+    from paircurate.transforms.resize import ImageConfig, make_resizer
 
     sources = sorted(p for p in glob.glob(os.path.join(args.source, "*"))
                      if p.lower().endswith((".jpg", ".jpeg", ".png")))

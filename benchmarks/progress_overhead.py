@@ -69,9 +69,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from spark_vs_local import serve_sample
 
     from paircurate.imageserver import ImageServer
-    from spark_vs_local import serve_sample
 
     print(f"Tally.add: {per_add_ns():.0f} ns per call")
     times = {True: [], False: []}

@@ -27,9 +27,8 @@ import time
 
 import numpy as np
 
-from paircurate.transforms.dedup import DedupConfig, SemanticDedupConfig
 from paircurate.transforms import semantic
-from paircurate.transforms.dedup import node_key
+from paircurate.transforms.dedup import DedupConfig, SemanticDedupConfig, node_key
 from paircurate.transforms.phash import rank
 
 

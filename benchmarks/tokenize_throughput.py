@@ -14,6 +14,7 @@ Prints medians over the rounds and checks that the ids are identical.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import statistics
@@ -48,9 +49,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from clip_throughput import make_pair_caption
     from open_clip.tokenizer import SimpleTokenizer
 
-    from clip_throughput import make_pair_caption
     from paircurate.transforms.clip_tokenize import FastClipTokenizer
 
     sets = {"generated": [make_pair_caption(i) for i in range(args.n)], "repository text": document_lines()}
@@ -60,11 +61,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"token ids differ on {name}")
         rates = {"open_clip warm": [], "fast warm": [], "open_clip cold": [], "fast cold": []}
         for _ in range(args.rounds):
-            rates["open_clip warm"].append(cpu_rate(len(captions), lambda: reference(captions)))
-            rates["fast warm"].append(cpu_rate(len(captions), lambda: fast(captions)))
+            rates["open_clip warm"].append(cpu_rate(len(captions), functools.partial(reference, captions)))
+            rates["fast warm"].append(cpu_rate(len(captions), functools.partial(fast, captions)))
             fresh_ref, fresh_fast = SimpleTokenizer(), FastClipTokenizer(SimpleTokenizer())
-            rates["open_clip cold"].append(cpu_rate(len(captions), lambda: fresh_ref(captions)))
-            rates["fast cold"].append(cpu_rate(len(captions), lambda: fresh_fast(captions)))
+            rates["open_clip cold"].append(cpu_rate(len(captions), functools.partial(fresh_ref, captions)))
+            rates["fast cold"].append(cpu_rate(len(captions), functools.partial(fresh_fast, captions)))
         medians = {k: statistics.median(v) for k, v in rates.items()}
         print(f"{name}: {len(captions):,} captions, {sum(map(len, captions)) / len(captions):.0f} chars on average, "
               f"ids identical")

@@ -30,6 +30,7 @@ logging.getLogger().addFilter(_IrrelevantWarnings())
 from paircurate.config import ConfigError, load_config  # noqa: E402
 from paircurate.transforms.schema import STATUS_LABELS  # noqa: E402
 
+
 def _user_errors() -> tuple:
     """Errors a user can cause: they end with one line, not a traceback."""
     from paircurate.run import RunError

@@ -23,8 +23,7 @@ from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.fetch import FetchConfig
 from paircurate.transforms.read import InputConfig
 from paircurate.transforms.resize import ImageConfig
-from paircurate.transforms.settings import (NON_NEGATIVE, Bounds, ConfigError, check_values, declared, sections,
-                                             setting)
+from paircurate.transforms.settings import NON_NEGATIVE, Bounds, ConfigError, check_values, declared, sections, setting
 from paircurate.transforms.validate import FilterConfig
 from paircurate.transforms.write import OutputConfig
 

@@ -167,7 +167,7 @@ def build_sample(server: ImageServer, n_images: int = 240, seed: int = 0) -> Lis
         image, caption = synthetic_image(seed * 100000 + n_images + MISMATCHED_ROWS + i)
         add(f"/translated/{i}.jpg", Route(encode(image)), translated_caption(caption, LANGUAGES[i % 3]),
             TRANSLATED_EXPECT, "translated")
-    for i in range(20):  # the same URL and caption listed twice
+    for _ in range(20):  # the same URL and caption listed twice
         rows.append(dict(rows[rng.randrange(n_images)]))
     for i in range(15):  # identical bytes under another URL
         _, body, caption = originals[rng.randrange(n_images)]

@@ -9,11 +9,11 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config
-from paircurate.transforms.language import check_input as check_language_input
-from paircurate.transforms.schema import is_live
-from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
-from paircurate.transforms.validate import ValidateAndFilter
 from paircurate.transforms.files import write_json
+from paircurate.transforms.language import check_input as check_language_input
+from paircurate.transforms.read import ReadInput, ReadTask, carried_columns, plan_reads
+from paircurate.transforms.schema import is_live
+from paircurate.transforms.validate import ValidateAndFilter
 from paircurate.transforms.write import WriteLedger, WriteManifest, WriteShards
 
 

@@ -26,8 +26,16 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 # Workers' tallies live in the lower layer; re-exported for the launcher and the tests.
-from paircurate.transforms.tally import (FLUSH_SECONDS, PASSED, RESUMED, WORKER_PREFIX, Tally,  # noqa: F401
-                                          close_tallies, tally, write_file)
+from paircurate.transforms.tally import (  # noqa: F401
+    FLUSH_SECONDS,
+    PASSED,
+    RESUMED,
+    WORKER_PREFIX,
+    Tally,
+    close_tallies,
+    tally,
+    write_file,
+)
 
 #: Seconds between the launcher's reads of the progress files (local runs; remote runs, on object stores).
 POLL_SECONDS, REMOTE_POLL_SECONDS = 2.0, 10.0

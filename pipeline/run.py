@@ -9,18 +9,21 @@ import platform
 import re
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
 from paircurate import __version__
-from paircurate.transforms.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.config import Config
 from paircurate.graph import REJECTED_FILE, SEMANTIC_REJECTED_FILE, OutputLayout, build, plan_input
 from paircurate.lock import LockError, OutputLock
-from paircurate.transforms.schema import STATUS_ORDER, funnel
+from paircurate.transforms.beam_util import LOCAL_RUNNERS, make_pipeline
 from paircurate.transforms.files import read_json, write_json
+from paircurate.transforms.schema import STATUS_ORDER, funnel
+
+if TYPE_CHECKING:  # imported where it is used: the display is loaded only for a run
+    from paircurate.progress import Reporter
 
 _LOG = logging.getLogger(__name__)
 

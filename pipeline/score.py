@@ -25,8 +25,8 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.config import Config, ConfigError
-from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
 from paircurate.transforms.files import IMAGE_EXTENSIONS, CorruptShard, OversizedMember, iter_shard
+from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
 
 #: Ledger fields a sample's json may supply (the rest are this command's to fill).
 COPIED_FIELDS = {f.name: f.type for f in LEDGER_FIELDS

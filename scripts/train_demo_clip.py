@@ -61,9 +61,8 @@ HELD_OUT_SEED_BASE = 9_000_000
 def pipeline_image(image) -> bytes:
     """The bytes the pipeline's CLIP stage gets for a demo picture: served as a JPEG, then
     brought to 256 px by the resize stage (the default config: letterboxed, "border")."""
-    from paircurate.transforms.resize import ImageConfig
     from paircurate.demo import encode
-    from paircurate.transforms.resize import make_resizer
+    from paircurate.transforms.resize import ImageConfig, make_resizer
 
     global _RESIZER
     if _RESIZER is None:
@@ -218,9 +217,8 @@ def mismatched_captions(captions: Sequence[str], rng: random.Random) -> List[str
 def held_out_scores(checkpoint: str, n: int, seed: int) -> Dict[str, np.ndarray]:
     """Matched and mismatched scores of ``n`` held-out pictures as the demo's run scores them:
     through the resize stage and the pipeline's loader (default fast path)."""
-    from paircurate.transforms.clip_model import ClipConfig
     from paircurate.demo import synthetic_image, translated_caption
-    from paircurate.transforms.clip_model import LoadedClip
+    from paircurate.transforms.clip_model import ClipConfig, LoadedClip
 
     clip = LoadedClip(ClipConfig(model_config=MODEL, pretrained=checkpoint, device="cpu",
                                  preprocess_threads=2))

@@ -24,15 +24,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip  # noqa: E402
 
-from paircurate.transforms.beam_util import test_pipeline  # noqa: E402
 from paircurate.config import load_config  # noqa: E402
-from paircurate.transforms.clip_model import ClipConfig  # noqa: E402
 from paircurate.demo import encode, synthetic_image  # noqa: E402
-from paircurate.transforms.schema import Status, new_record  # noqa: E402
 from paircurate.transforms import clip as clip_stage  # noqa: E402
 from paircurate.transforms import clip_model  # noqa: E402
-from paircurate.transforms.clip import (ClipModelError, ScoreAndFilter, kept_count,  # noqa: E402
-                                        top_fraction_threshold)
+from paircurate.transforms.beam_util import test_pipeline  # noqa: E402
+from paircurate.transforms.clip import ClipModelError, ScoreAndFilter, kept_count, top_fraction_threshold  # noqa: E402
+from paircurate.transforms.clip_model import ClipConfig  # noqa: E402
+from paircurate.transforms.schema import Status, new_record  # noqa: E402
 
 TINY = "paircurate-tiny"
 

@@ -20,12 +20,12 @@ import open_clip  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from paircurate.config import ConfigError, load_config  # noqa: E402
-from paircurate.transforms.clip_model import DEFAULT_TAGS  # noqa: E402
 from paircurate.demo import encode, synthetic_image  # noqa: E402
 from paircurate.imageserver import Route  # noqa: E402
-from paircurate.transforms.schema import STATUS_ORDER, Status, carried_name, ledger_row, ledger_schema  # noqa: E402
 from paircurate.transforms import clip_model, clip_tags  # noqa: E402
 from paircurate.transforms.clip import ScoreAndFilter  # noqa: E402
+from paircurate.transforms.clip_model import DEFAULT_TAGS  # noqa: E402
+from paircurate.transforms.schema import STATUS_ORDER, Status, carried_name, ledger_row, ledger_schema  # noqa: E402
 from test_clip import TINY, make_records, run_stage, tiny_config, write_webdataset  # noqa: E402
 
 TAGS = {"dog": {"positive": ["a photo of a dog", "a picture of a puppy"],

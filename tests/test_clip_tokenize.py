@@ -39,7 +39,7 @@ def generated_captions(n: int, seed: int = 0):
     rng = random.Random(seed)
     pools = [WORDS] * 6 + [UNICODE, ENTITIES, CONTROLS, SPECIALS, tuple(".,;:!?()[]{}'\"-_/\\|*#$%^~`+=<>0123456789")]
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = rng.choice([0, 1, 2, 5, 8, 12, 20, 40, 80, 200])
         parts = []
         for _ in range(length):

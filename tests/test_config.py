@@ -93,7 +93,8 @@ def test_range_message_states_the_allowed_range():
         load_config(overrides=["fetch.timeout=-1"])
     with pytest.raises(ConfigError, match=r"fetch.max_bytes=0 is out of range: must be at least 1"):
         load_config(overrides=["fetch.max_bytes=0"])
-    with pytest.raises(ConfigError, match=r"fetch.timeout=inf is out of range: must be greater than 0, a finite number"):
+    with pytest.raises(ConfigError,
+                       match=r"fetch.timeout=inf is out of range: must be greater than 0, a finite number"):
         load_config(overrides=["fetch.timeout=inf"])
 
 

@@ -16,14 +16,26 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from paircurate.transforms.beam_util import test_pipeline
-from paircurate.transforms.dedup import DedupConfig
-from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
-from paircurate.transforms.dedup import DeduplicateImages, hash_record
-from paircurate.transforms.phash import (ENTRY_BYTES, bucket_entries, bucket_pairs, bucket_partition,
-                                         content_sha256, default_blocks, hamming, hash_hex, hash_int,
-                                         information, key_masks, near_pairs, perceptual_hash, rank)
 from oracles import candidate_pairs, choose_representative, connected_components
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.dedup import DedupConfig, DeduplicateImages, hash_record
+from paircurate.transforms.phash import (
+    ENTRY_BYTES,
+    bucket_entries,
+    bucket_pairs,
+    bucket_partition,
+    content_sha256,
+    default_blocks,
+    hamming,
+    hash_hex,
+    hash_int,
+    information,
+    key_masks,
+    near_pairs,
+    perceptual_hash,
+    rank,
+)
+from paircurate.transforms.schema import LEDGER_FIELDS, Status, mark, new_record
 
 K = 6
 
@@ -268,7 +280,7 @@ def test_few_cluster_rounds_keep_duplicate_of_chains_pointing_to_a_kept_image():
     by_uid, _ = run(records, DedupConfig(max_distance=K, cluster_rounds=2))
     kept = {u for u, r in by_uid.items() if r["status"] == "ok"}
     assert "n0" in kept and len(kept) < len(values)
-    for uid, record in by_uid.items():
+    for record in by_uid.values():
         seen = 0
         while record["status"] != "ok":
             record = by_uid[record["duplicate_of"]]
@@ -320,7 +332,9 @@ def test_deterministic_under_shuffled_input():
     shuffled = [dict(r) for r in records]
     random.Random(1).shuffle(shuffled)
     second, _ = run(shuffled)
-    decisions = lambda rs: {u: (r["status"], r["duplicate_of"], r["error"]) for u, r in rs.items()}
+
+    def decisions(rs):
+        return {u: (r["status"], r["duplicate_of"], r["error"]) for u, r in rs.items()}
     assert decisions(first) == decisions(second)
     assert sum(r["status"] != "ok" for r in first.values()) > 50
 

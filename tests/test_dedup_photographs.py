@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from paircurate.config import load_config
-from paircurate.transforms.dedup import DedupConfig
 from paircurate.imageserver import Route
 from paircurate.run import run_pipeline
+from paircurate.transforms.dedup import DedupConfig
 from paircurate.transforms.phash import information
 
 PHOTOS = "/usr/share/backgrounds/mate/nature/*.jpg"

@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from paircurate.transforms.dedup import DedupConfig
-from paircurate.transforms.dedup import near_edges, verified_edges
-from paircurate.transforms.phash import (ENTRY_BYTES, MIRRORED, SMOOTH, hamming, information,
-                                         near_entries, perceptual_hash, signature, smooth_hash,
-                                         split_entries, thumbnail, verify_distance, _grey32)
+from paircurate.transforms.dedup import DedupConfig, near_edges, verified_edges
+from paircurate.transforms.phash import (
+    ENTRY_BYTES,
+    MIRRORED,
+    SMOOTH,
+    _grey32,
+    hamming,
+    information,
+    near_entries,
+    perceptual_hash,
+    signature,
+    smooth_hash,
+    split_entries,
+    thumbnail,
+    verify_distance,
+)
 
 K = DedupConfig().max_distance
 

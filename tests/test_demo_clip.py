@@ -12,10 +12,19 @@ from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from paircurate.transforms.clip_model import ClipConfig  # noqa: E402
-from paircurate.demo import (DEMO_MIN_SCORE, DEMO_MODEL_CONFIG, demo_checkpoint, encode,  # noqa: E402
-                             synthetic_image, translated_caption)
-from paircurate.transforms.clip_model import LoadedClip, resolve_model  # noqa: E402
+from paircurate.demo import (  # noqa: E402
+    DEMO_MIN_SCORE,
+    DEMO_MODEL_CONFIG,
+    demo_checkpoint,
+    encode,
+    synthetic_image,
+    translated_caption,
+)
+from paircurate.transforms.clip_model import (  # noqa: E402
+    ClipConfig,  # noqa: E402
+    LoadedClip,
+    resolve_model,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import hashlib
 import ipaddress
 import random
-import socket
-import time
-import email.utils
 import shutil
+import socket
 import ssl
+import time
 
 import apache_beam as beam
 import pytest
@@ -18,12 +18,22 @@ from apache_beam.testing.util import assert_that
 from fault_server import FaultServer, fault_server, free_port, self_signed_cert  # noqa: F401
 from paircurate.transforms import fetch as fetch_module
 from paircurate.transforms.beam_util import test_pipeline
-from paircurate.transforms.fetch import FetchConfig
-from paircurate.transforms.schema import Status, error_class, mark, new_record
 from paircurate.transforms.fetch import (
-    FetchImages, HostLimiter, apply_fetch, backoff_delay, blocked_address,
-    content_problem, fetch_url, parse_ipv4_number, parse_retry_after, parse_target,
-    robots_disallowed, sniff_image)
+    FetchConfig,
+    FetchImages,
+    HostLimiter,
+    apply_fetch,
+    backoff_delay,
+    blocked_address,
+    content_problem,
+    fetch_url,
+    parse_ipv4_number,
+    parse_retry_after,
+    parse_target,
+    robots_disallowed,
+    sniff_image,
+)
+from paircurate.transforms.schema import Status, error_class, mark, new_record
 
 TIMEOUT = 1.5
 

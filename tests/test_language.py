@@ -4,11 +4,20 @@ import re
 import pytest
 
 from paircurate.config import ConfigError, load_config
-from paircurate.transforms.schema import Status, new_record
 from paircurate.transforms import language
-from paircurate.transforms.language import (DETECTABLE, MAX_CHARS, UNDETERMINED, apply_language,
-                                            check_input, detect, detector, filter_error, iso639_1,
-                                            language_text)
+from paircurate.transforms.language import (
+    DETECTABLE,
+    MAX_CHARS,
+    UNDETERMINED,
+    apply_language,
+    check_input,
+    detect,
+    detector,
+    filter_error,
+    iso639_1,
+    language_text,
+)
+from paircurate.transforms.schema import Status, new_record
 
 #: Short captions of known language (3-10 words), two a language.
 CAPTIONS = {

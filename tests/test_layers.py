@@ -63,4 +63,5 @@ def test_transforms_never_import_the_upper_layer(path):
 
 
 def test_every_lower_module_is_checked():
-    assert {p.name for p in lower_modules()} >= {"schema.py", "beam_util.py", "files.py", "tally.py", "stage.py", "settings.py"}
+    assert {p.name for p in lower_modules()} >= {"schema.py", "beam_util.py", "files.py", "tally.py", "stage.py",
+                                                 "settings.py"}

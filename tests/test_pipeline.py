@@ -33,7 +33,8 @@ def build_rows(server):
         {"url": server.url("/corrupt.jpg"), "caption": "a corrupt picture", "expect": "decode_failed", "n": 103},
         {"url": server.url("/good/1.jpg"), "caption": "tiny", "expect": "caption_filtered", "n": 104},
         {"url": "", "caption": "no url at all", "expect": "invalid_input", "n": 105},
-        {"url": "http://169.254.169.254/latest/meta-data/", "caption": "metadata service", "expect": "blocked_address", "n": 106},
+        {"url": "http://169.254.169.254/latest/meta-data/", "caption": "metadata service",
+         "expect": "blocked_address", "n": 106},
         {"url": server.url("/optout.jpg"), "caption": "an opted out picture", "expect": "disallowed", "n": 107},
     ]
     return rows

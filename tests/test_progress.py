@@ -15,11 +15,19 @@ import pytest
 from conftest import generated_rows
 from paircurate import progress
 from paircurate.config import load_config
-from paircurate.progress import (Reporter, format_line, input_size, read_workers, status_lines, tally, thin,
-                                 throughput_series, view)
+from paircurate.progress import (
+    Reporter,
+    format_line,
+    input_size,
+    read_workers,
+    status_lines,
+    tally,
+    thin,
+    throughput_series,
+    view,
+)
 from paircurate.run import run_pipeline
 from paircurate.transforms.read import plan_reads
-
 
 # --------------------------------------------------------------------------- figures
 

@@ -5,9 +5,18 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from paircurate.transforms.beam_util import test_pipeline
-from paircurate.transforms.read import InputConfig
-from paircurate.transforms.read import (InputError, ReadInput, carried_columns, detect_format,
-                                        iter_lines, iter_rows, make_uid, plan_reads, to_record)
+from paircurate.transforms.read import (
+    InputConfig,
+    InputError,
+    ReadInput,
+    carried_columns,
+    detect_format,
+    iter_lines,
+    iter_rows,
+    make_uid,
+    plan_reads,
+    to_record,
+)
 
 
 def read_all(pattern, config=None):

@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import ImageOps
 from click.testing import CliRunner
+from PIL import ImageOps
 
 from paircurate import report
 from paircurate.cli import cli
@@ -684,7 +684,8 @@ def test_report_package_builds_no_html_in_python():
         if name.endswith(".py"):
             source = open(os.path.join(folder, name), encoding="utf-8").read()
             for token in tokenize.generate_tokens(io.StringIO(source).readline):
-                if token.type in (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1)) and tag.search(token.string):
+                string_token = token.type in (tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1))
+                if string_token and tag.search(token.string):
                     found.append((name, token.start[0], token.string[:60]))
     assert not found
     assert tag.search('f"<td class=n>{x}</td>"') and not tag.search("a < b > c")  # the check can fail

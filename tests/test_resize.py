@@ -2,10 +2,9 @@ import io
 
 from PIL import Image
 
-from paircurate.transforms.resize import ImageConfig
 from paircurate.demo import encode, synthetic_image
+from paircurate.transforms.resize import ImageConfig, decode_and_resize, make_resizer, probe_size
 from paircurate.transforms.schema import new_record
-from paircurate.transforms.resize import decode_and_resize, make_resizer, probe_size
 
 
 def rec(raw):

@@ -1,4 +1,5 @@
-"""Runner-agnostic behaviour: multi-process local runs, portable graph, PortableRunner and Spark runs, Dataflow dry run, nightly."""
+"""Runner-agnostic behaviour: multi-process local runs, portable graph, PortableRunner and Spark runs,
+Dataflow dry run, nightly."""
 import glob
 import os
 import socket
@@ -9,13 +10,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from paircurate.transforms.beam_util import make_pipeline
 from paircurate.cli import cli
 from paircurate.config import load_config
 from paircurate.demo import build_sample, demo_checkpoint, demo_overrides, encode, synthetic_image, write_input
 from paircurate.graph import OutputLayout, build, plan_input
 from paircurate.imageserver import Route
 from paircurate.run import RUN_MARKER, earlier_runs, run_nightly, run_pipeline
+from paircurate.transforms.beam_util import make_pipeline
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_pipeline import build_rows, config_for, read_ledger  # noqa: E402

@@ -6,14 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from paircurate.transforms.beam_util import test_pipeline
-from paircurate.config import load_config
-from paircurate.transforms.dedup import DedupConfig, SemanticDedupConfig
-from paircurate.transforms.schema import LEDGER_COLUMNS, Status, ledger_row, new_record, pack_record, unpack_record
-from paircurate.transforms import semantic
-from paircurate.transforms.dedup import node_key
-from paircurate.transforms.phash import rank
 from oracles import connected_components
+from paircurate.config import load_config
+from paircurate.transforms import semantic
+from paircurate.transforms.beam_util import test_pipeline
+from paircurate.transforms.dedup import DedupConfig, SemanticDedupConfig, node_key
+from paircurate.transforms.phash import rank
+from paircurate.transforms.schema import LEDGER_COLUMNS, Status, ledger_row, new_record, pack_record, unpack_record
 
 
 def unit(v):
@@ -127,7 +126,7 @@ def test_decisions_use_the_pixel_then_uid_representative_and_name_the_cosine():
     sigs = [(node_key(rank(uid, px, 1)), semantic.embedding_bytes(emb)) for uid, (px, emb) in images.items()]
     decisions = run_decisions(sigs, config)
     assert set(decisions) == {"a", "c", "d"}
-    for uid, (status, duplicate_of, error) in decisions.items():
+    for status, duplicate_of, error in decisions.values():
         assert status == Status.DUPLICATE_SEMANTIC.value and duplicate_of == "b"
         assert error.startswith("semantic: cosine ")
     # "a" and "d" are the same embedding: each names the other as its nearest, at cosine 1.000.

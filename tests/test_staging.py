@@ -14,9 +14,17 @@ from conftest import generated_rows
 from paircurate.config import load_config
 from paircurate.run import run_pipeline
 from paircurate.transforms.schema import new_record
-from paircurate.transforms.staging import (DECIDED_FIELDS, SLIM_FIELDS, SegmentWriter, StagedReader,
-                                           StagingError, decided_only, list_indexes, read_index,
-                                           rehydrate)
+from paircurate.transforms.staging import (
+    DECIDED_FIELDS,
+    SLIM_FIELDS,
+    SegmentWriter,
+    StagedReader,
+    StagingError,
+    decided_only,
+    list_indexes,
+    read_index,
+    rehydrate,
+)
 
 
 def staged_record(i):

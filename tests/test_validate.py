@@ -2,9 +2,8 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that
 
 from paircurate.transforms.beam_util import test_pipeline
-from paircurate.transforms.validate import FilterConfig
 from paircurate.transforms.schema import new_record
-from paircurate.transforms.validate import CaptionFilter, ValidateAndFilter, ValidateInput, keep_first
+from paircurate.transforms.validate import CaptionFilter, FilterConfig, ValidateAndFilter, ValidateInput, keep_first
 
 validate = ValidateInput().apply
 

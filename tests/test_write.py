@@ -6,10 +6,18 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that
 
 from paircurate.transforms.beam_util import test_pipeline
-from paircurate.transforms.schema import new_record
-from paircurate.transforms.write import (RANK_BUCKETS, WriteShards, assign_shards, bucket_offsets,
-                                         rank_bucket, rank_group, summarise_counts, write_shard)
 from paircurate.transforms.read import make_uid
+from paircurate.transforms.schema import new_record
+from paircurate.transforms.write import (
+    RANK_BUCKETS,
+    WriteShards,
+    assign_shards,
+    bucket_offsets,
+    rank_bucket,
+    rank_group,
+    summarise_counts,
+    write_shard,
+)
 
 
 def kept_record(i, carried=None):

@@ -98,9 +98,9 @@ class ConcurrentRecordFn(beam.DoFn):
         self._in_flight = 0
 
     def _run(self, item) -> None:
-        from paircurate.transforms.schema import mark
-
         import time
+
+        from paircurate.transforms.schema import mark
 
         record, timestamp, window = item
         started = time.perf_counter()

@@ -30,10 +30,23 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from paircurate.transforms.clip_model import (ClipConfig, ClipModelError, LoadedClip, ScoredBatch, load_clip,
-                                              model_description, resolve_model)
-from paircurate.transforms.clip_tags import (CLIP_COLUMNS, apply_tag_max, check_config, check_heads,
-                                             parse_tag_max, parse_tags)
+from paircurate.transforms.clip_model import (
+    ClipConfig,
+    ClipModelError,
+    LoadedClip,
+    ScoredBatch,
+    load_clip,
+    model_description,
+    resolve_model,
+)
+from paircurate.transforms.clip_tags import (
+    CLIP_COLUMNS,
+    apply_tag_max,
+    check_config,
+    check_heads,
+    parse_tag_max,
+    parse_tags,
+)
 from paircurate.transforms.schema import Status, is_live, mark
 
 __all__ = ["ScoreAndFilter", "OpenClipModelHandler", "ClipModelError", "model_description",

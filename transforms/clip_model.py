@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 import io
 import logging
 import os
@@ -33,14 +32,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
 
 from paircurate.transforms.clip_tokenize import fast_tokenizer
-from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
-
+from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, setting
 
 #: clip.tags' default: zero-shot tags in the spirit of LAION-400M's CLIP-based tagging (README,
 #: "Tags and heads"): as many positive as negative prompts, so neither side starts ahead.
@@ -709,7 +708,7 @@ class LoadedClip:
                 pixels, target = value
                 groups.setdefault((pixels.shape, target), []).append((i - start, pixels))
         parts = []  # (chunk positions, NCHW pixels 0..255)
-        for (shape, target), members in groups.items():
+        for (_shape, target), members in groups.items():
             host = torch.from_numpy(np.stack([p for _, p in members]))
             pixels = host.to(self.device).permute(0, 3, 1, 2)
             parts.append(([j for j, _ in members], resize_batch(pixels, target, self.fast)))

@@ -63,13 +63,26 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from paircurate.transforms.beam_util import metered_cogroup, metered_group
+from paircurate.transforms.phash import (
+    MIRRORED,
+    SMOOTH,
+    Rank,
+    bucket_entries,
+    bucket_pairs,
+    bucket_partition,
+    default_blocks,
+    hamming,
+    hash_hex,
+    hash_int,
+    key_masks,
+    rank,
+    signature,
+    split_entries,
+    verify_distance,
+)
 from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
+from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, setting
 from paircurate.transforms.staging import decided_only
-from paircurate.transforms.phash import (MIRRORED, SMOOTH, Rank, bucket_entries, bucket_pairs,
-                                         bucket_partition, default_blocks, hamming, hash_hex,
-                                         hash_int, key_masks, rank, signature, split_entries,
-                                         verify_distance)
-from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
 
 
 @dataclass

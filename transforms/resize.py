@@ -11,7 +11,7 @@ import apache_beam as beam
 
 from paircurate.transforms.beam_util import ConcurrentRecordFn
 from paircurate.transforms.schema import Status, is_live, mark
-from paircurate.transforms.settings import AT_LEAST_ONE, Bounds, ConfigError, NON_NEGATIVE, setting
+from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, setting
 
 
 @dataclass

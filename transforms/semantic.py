@@ -46,10 +46,16 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from paircurate.transforms.beam_util import metered_cogroup, metered_group
-from paircurate.transforms.dedup import (DedupConfig, SemanticDedupConfig, apply_decisions, node_key, node_uid,
-                                         propagate_labels)
-from paircurate.transforms.schema import Status, is_live, pack_record, unpack_record
+from paircurate.transforms.dedup import (
+    DedupConfig,
+    SemanticDedupConfig,
+    apply_decisions,
+    node_key,
+    node_uid,
+    propagate_labels,
+)
 from paircurate.transforms.phash import bucket_partition, rank
+from paircurate.transforms.schema import Status, is_live, pack_record, unpack_record
 from paircurate.transforms.staging import decided_only
 
 _NS = "semantic"

@@ -46,7 +46,8 @@ class Tally:
 
     def __init__(self, folder: str, flush_seconds: float = FLUSH_SECONDS):
         self.folder = folder
-        self.path = f"{folder.rstrip('/')}/{WORKER_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
+        name = f"{WORKER_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
+        self.path = f"{folder.rstrip('/')}/{name}"
         self.counts: Dict[str, int] = {}
         self._lock = threading.Lock()
         self._flush_seconds = flush_seconds

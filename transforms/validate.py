@@ -11,8 +11,8 @@ import apache_beam as beam
 from paircurate.transforms.beam_util import metered_group
 from paircurate.transforms.language import DetectLanguage, check_languages
 from paircurate.transforms.schema import Status, is_live, mark, pack_record, unpack_record
-from paircurate.transforms.stage import RecordStage, Verdict
 from paircurate.transforms.settings import AT_LEAST_ONE, NON_NEGATIVE, Bounds, ConfigError, setting
+from paircurate.transforms.stage import RecordStage, Verdict
 
 
 @dataclass

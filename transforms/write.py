@@ -16,18 +16,17 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.transforms.beam_util import metered, metered_group
-from paircurate.transforms.schema import error_class, ledger_row, pack_record, unpack_record
 from paircurate.transforms.files import write_atomically, write_json
-from paircurate.transforms.staging import StagedReader, decided_only, image_bytes
+from paircurate.transforms.schema import error_class, ledger_row, pack_record, unpack_record
 from paircurate.transforms.settings import AT_LEAST_ONE, setting
+from paircurate.transforms.staging import StagedReader, decided_only, image_bytes
 
 
 @dataclass

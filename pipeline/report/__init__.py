@@ -7,13 +7,32 @@ render     the page: Jinja2 templates (templates/), autoescaped
 inspect    `paircurate inspect`: ledger rows as a terminal-safe text table
 """
 from paircurate.report.inspect import INSPECT_COLUMNS, format_table, inspect_rows, parse_statuses
-from paircurate.report.output import (KEPT_SAMPLES, ReportError, iter_ledger, ledger_files, ledger_schema,
-                                      read_samples, read_stats)
+from paircurate.report.output import (
+                                      KEPT_SAMPLES,
+                                      ReportError,
+                                      iter_ledger,
+                                      ledger_files,
+                                      ledger_schema,
+                                      read_samples,
+                                      read_stats,
+)
 from paircurate.report.render import REPORT_NAME, build_report, render_html, write_report
-from paircurate.report.summaries import (CLIP_DROPPED_SAMPLES, DUPLICATE_SIGNALS, STAGE_OF_STATUS,
-                                         LedgerDetails, LedgerSummary, clip_threshold, cluster_size_counts,
-                                         collect_details, duplicate_signal, error_classes, funnel,
-                                         language_mix, largest_clusters, summarise_ledger)
+from paircurate.report.summaries import (
+                                      CLIP_DROPPED_SAMPLES,
+                                      DUPLICATE_SIGNALS,
+                                      STAGE_OF_STATUS,
+                                      LedgerDetails,
+                                      LedgerSummary,
+                                      clip_threshold,
+                                      cluster_size_counts,
+                                      collect_details,
+                                      duplicate_signal,
+                                      error_classes,
+                                      funnel,
+                                      language_mix,
+                                      largest_clusters,
+                                      summarise_ledger,
+)
 from paircurate.report.text import printable
 
 __all__ = [

@@ -18,12 +18,30 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import jinja2
 
 from paircurate.report import plots, text
-from paircurate.report.output import (KEPT_SAMPLES, iter_ledger, join, ledger_files, ledger_schema,
-                                      read_samples, read_stats)
-from paircurate.report.summaries import (BEFORE_LANGUAGE, DUPLICATE_SIGNALS, TAG_PRESENT, LedgerDetails,
-                                         LedgerSummary, clip_threshold, cluster_size_counts, collect_details,
-                                         funnel, language_mix, largest_clusters, score_columns,
-                                         summarise_ledger)
+from paircurate.report.output import (
+    KEPT_SAMPLES,
+    iter_ledger,
+    join,
+    ledger_files,
+    ledger_schema,
+    read_samples,
+    read_stats,
+)
+from paircurate.report.summaries import (
+    BEFORE_LANGUAGE,
+    DUPLICATE_SIGNALS,
+    TAG_PRESENT,
+    LedgerDetails,
+    LedgerSummary,
+    clip_threshold,
+    cluster_size_counts,
+    collect_details,
+    funnel,
+    language_mix,
+    largest_clusters,
+    score_columns,
+    summarise_ledger,
+)
 from paircurate.transforms.files import write_atomically
 from paircurate.transforms.schema import STATUS_ORDER
 

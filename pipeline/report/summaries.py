@@ -323,7 +323,8 @@ def collect_details(tables: Iterable[pa.Table], summary: LedgerSummary,
                 bottom = drop.take(pc.select_k_unstable(drop, dropped, [("clip_score", "ascending")]))
                 cols = ["uid", "url", "caption", "clip_score", "error"]
                 details.dropped_top = _keep_extreme(details.dropped_top, top.select(cols).to_pylist(), dropped, True)
-                details.dropped_bottom = _keep_extreme(details.dropped_bottom, bottom.select(cols).to_pylist(), dropped, False)
+                details.dropped_bottom = _keep_extreme(details.dropped_bottom, bottom.select(cols).to_pylist(),
+                                                       dropped, False)
         for name, hist in details.score_hist.items():
             values = _finite(table[name])
             if len(values):

@@ -215,6 +215,23 @@ def write_input(rows: List[Dict[str, str]], path: str) -> None:
     pq.write_table(table, path, row_group_size=100)
 
 
+def demo_tags(tag_shape: str = "stripes") -> Dict[str, Dict[str, List[str]]]:
+    """The demo's zero-shot tag: is the picture's shape ``tag_shape``?
+
+    The default tags (unsafe, watermark) mean nothing to a model that has only
+    seen shapes.  This one asks the demo model a question it can answer: its
+    prompts are captions of the kind it was trained on, one per colour pair, so
+    the best-matching prompts share the picture's colours and the shape decides
+    between them.  (Measured on the demo: 49 of the 50 striped pictures above
+    0.5, none of the 182 others.)
+    """
+    pairs = [(fg, bg) for fg in sorted(COLOURS) for bg in sorted(COLOURS) if fg != bg]
+    return {tag_shape: {
+        "positive": [f"a {fg} {tag_shape} on a {bg} background" for fg, bg in pairs],
+        "negative": [f"a {fg} {shape} on a {bg} background" for fg, bg in pairs
+                     for shape in SHAPES if shape != tag_shape]}}
+
+
 def demo_overrides(host_port: str, checkpoint: Optional[str]) -> List[str]:
     """The demo's config: fetch from the loopback server only; the demo CLIP, or no CLIP when
     ``checkpoint`` is None."""
@@ -223,7 +240,8 @@ def demo_overrides(host_port: str, checkpoint: Optional[str]) -> List[str]:
     if checkpoint:
         # JSON quoting keeps the path one YAML string whatever it holds.
         overrides += [f"clip.model_config={DEMO_MODEL_CONFIG}", f"clip.pretrained={json.dumps(checkpoint)}",
-                      f"clip.min_score={DEMO_MIN_SCORE}", "clip.device=cpu"]
+                      f"clip.min_score={DEMO_MIN_SCORE}", "clip.device=cpu",
+                      f"clip.tags={json.dumps(demo_tags())}"]
     else:
         overrides += ["clip.enabled=false"]
     return overrides

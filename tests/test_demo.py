@@ -53,3 +53,15 @@ def test_demo_clip_keeps_matched_pairs_and_drops_mismatched_ones(demo_run):
     assert kept(matched) >= 0.95, sorted((r["clip_score"], r["caption"]) for r in matched)[:5]
     assert kept(mismatched) <= 0.10, sorted((r["clip_score"], r["caption"]) for r in mismatched)[-5:]
     assert all(r["clip_score"] is not None for r in scored)
+
+
+def test_demo_tag_finds_the_striped_pictures(demo_run):
+    """The demo's zero-shot tag (demo_tags) with the demo model: stripes above 0.5, other shapes below."""
+    _, _, ledger = demo_run
+    matched = [r for r in ledger if r["pair"] == "matched" and r["tag_stripes"] is not None]
+    striped = [r["tag_stripes"] for r in matched if " stripes " in r["caption"]]
+    others = [r["tag_stripes"] for r in matched if " stripes " not in r["caption"]]
+    assert len(striped) >= 3 and len(others) >= 20
+    assert sum(p > 0.5 for p in striped) >= 0.8 * len(striped), striped
+    assert sum(p > 0.5 for p in others) <= 0.1 * len(others), sorted(others)[-5:]
+    assert not any(name.startswith("tag_unsafe") for name in ledger[0])

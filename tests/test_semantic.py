@@ -217,3 +217,12 @@ def test_identical_images_under_other_urls_end_duplicate_semantic(tmp_path, imag
     assert all(p["cosine"] < 0.9999 for p in stats["semantic"].get("nearest_rejected", []))
     assert sorted(shard_keys(root)) == sorted(r["uid"] for r in rows_out if r["status"] == "ok")
     assert not any(k.startswith("image_embedding") for k in rows_out[0])
+    # The report counts the semantic signal and lists the rejected candidates nearest min_cosine.
+    page = open(os.path.join(root, "report.html"), encoding="utf-8").read()
+    assert 'data-signal="semantic" data-value="4"' in page
+    rejected = stats["semantic"].get("nearest_rejected", [])
+    if rejected:
+        assert page.count('data-cosine="') == min(len(rejected), 10)
+        assert f'data-cosine="{rejected[0]["cosine"]:.4f}"' in page
+    else:
+        assert "No semantic candidate pair was rejected." in page

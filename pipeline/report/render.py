@@ -121,6 +121,20 @@ def _rejected(stats: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
             "threshold": str(((stats.get("config") or {}).get("dedup") or {}).get("verify_max_distance"))}
 
 
+def _semantic_rejected(stats: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """Semantic dedup's candidate pairs whose exact cosine fell short of min_cosine, highest first."""
+    semantic = stats.get("semantic") or {}
+    nearest = semantic.get("nearest_rejected")
+    if nearest is None:
+        return None
+    semantic_config = (((stats.get("config") or {}).get("dedup") or {}).get("semantic") or {})
+    return {"pairs": [{"cosine": float(p.get("cosine", 0)), "uid_a": str(p.get("uid_a")),
+                       "uid_b": str(p.get("uid_b"))} for p in nearest[:NEAREST_REJECTED_SHOWN]],
+            "verified": int(semantic.get("verified_pairs") or 0),
+            "rejected": int(semantic.get("rejected_pairs") or 0),
+            "threshold": str(semantic_config.get("min_cosine"))}
+
+
 def _config_rows(config: Mapping[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for section, values in config.items():
@@ -165,7 +179,8 @@ def _duplicates(summary: LedgerSummary, details: LedgerDetails, reps: Sequence[s
     return {"rows": sum(summary.duplicates_of.values()), "clusters_count": len(summary.duplicates_of),
             "sizes": sizes, "plot": plots.cluster_sizes_png(sizes) if has_plots else None,
             "signals": [(name, int(summary.duplicate_signals.get(name, 0))) for name in DUPLICATE_SIGNALS],
-            "rejected": _rejected(stats), "clusters": clusters}
+            "rejected": _rejected(stats), "semantic_rejected": _semantic_rejected(stats),
+            "clusters": clusters}
 
 
 def _languages(summary: LedgerSummary, by_status: Mapping[str, int]) -> Optional[Dict[str, Any]]:

@@ -395,3 +395,19 @@ def test_disabled_steps():
     assert [by_uid[u]["status"] for u in "abc"] == ["ok", "duplicate_near", "duplicate_near"]
     by_uid, _ = run([dict(r) for r in records], DedupConfig(enabled=False))
     assert all(r["status"] == "ok" for r in by_uid.values())
+
+
+def test_exact_step_moves_packed_signatures_that_unpack_on_every_pass():
+    """The exact step's shuffle value is one bytes object (a local runner keeps grouped values decoded)."""
+    from paircurate.transforms.dedup import PackedSigs, exact_group, sha_keyed
+
+    near = bytes(range(ENTRY_BYTES))
+    sigs = [(uid, rank(uid, w, h), "ab" * 32, (1 << 63) + 5, False, near)
+            for uid, w, h in (("b", 640, 480), ("a", 320, 240), ("c", 640, 480))]
+    keyed = [sha_keyed(s) for s in sigs]
+    assert {k for k, _ in keyed} == {bytes.fromhex("ab" * 32)}
+    assert all(isinstance(v, bytes) for _, v in keyed)
+    best, decisions = exact_group(PackedSigs([v for _, v in keyed]))
+    assert best == ("b", rank("b", 640, 480), None, (1 << 63) + 5, False, near)
+    assert sorted(decisions) == [("a", ("duplicate_exact", "b", "exact")),
+                                 ("c", ("duplicate_exact", "b", "exact"))]

@@ -180,3 +180,30 @@ def test_killed_run_resumes_without_refetching(tmp_path, image_server, parquet_i
             assert result[uid][column] == row[column], (uid, column)
     assert shard_bytes(out) == shard_bytes(reference) and shard_bytes(out)
     assert not os.path.exists(os.path.join(out, "_staging"))  # removed once finished
+
+
+def test_shard_writer_hands_staged_records_on_slim(tmp_path):
+    """Written records wait for the ledger's stage (in memory, on the local runner): they stay slim."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from paircurate.transforms.beam_util import test_pipeline
+    from paircurate.transforms.write import WriteShards
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    writer = SegmentWriter(str(staging), 10, 1 << 20)
+    slim = [writer.stage(staged_record(i)) for i in range(12)]
+    writer.close()
+
+    def check(out):
+        assert len(out) == 12
+        assert all(set(r) == set(DECIDED_FIELDS) for r in out)  # details are back in the ledger stage
+        assert {r["key"] for r in out} == {r["uid"] for r in slim}
+        assert sorted({r["shard"] for r in out}) == ["00000", "00001"]
+
+    with test_pipeline() as p:
+        written, _ = (p | beam.Create([decided_only(r) for r in slim])
+                      | WriteShards(str(tmp_path / "shards"), 10, ["lang"], str(staging)))
+        assert_that(written, check)
+    assert sorted(os.listdir(tmp_path / "shards")) == ["00000.tar", "00001.tar"]

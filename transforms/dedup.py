@@ -333,15 +333,39 @@ def apply_decisions(record: Dict[str, Any], decisions: List[Tuple[str, str, str]
     return record
 
 
-def sha_keyed(sig: tuple) -> Tuple[bytes, tuple]:
-    """(sha256 as bytes, the signature without it): the exact step's shuffle carries the digest once."""
+def _sig_coder():
+    from apache_beam.coders import FastPrimitivesCoder  # the coder the shuffle would use anyway
+
+    return FastPrimitivesCoder()
+
+
+_SIG_CODER = _sig_coder()
+
+
+def sha_keyed(sig: tuple) -> Tuple[bytes, bytes]:
+    """(sha256 as bytes, the signature without it, packed): the exact step's shuffle element.
+
+    The digest crosses once, as the key.  The signature crosses as one bytes
+    object: a local runner keeps a grouping table's values decoded until the
+    consumer runs, and a packed signature costs one object there, not a dozen.
+    """
     sig = Sig(*sig)
     sha = sig.image_sha256
     try:
         key = bytes.fromhex(sha) if sha else b""
     except ValueError:  # not hex (a hand-made history ledger): the text itself is the key
         key = sha.encode("utf-8")
-    return key, plain(sig._replace(image_sha256=None))
+    return key, _SIG_CODER.encode(plain(sig._replace(image_sha256=None)))
+
+
+class PackedSigs:
+    """A grouped iterable of packed signatures, unpacked lazily on each pass (exact_group makes two)."""
+
+    def __init__(self, packed: Iterable[bytes]):
+        self._packed = packed
+
+    def __iter__(self) -> Iterator[tuple]:
+        return (_SIG_CODER.decode(p) for p in self._packed)
 
 
 def exact_group(sigs: Iterable[tuple]) -> Tuple[tuple, Iterable[Decision]]:
@@ -463,8 +487,8 @@ class _ExactFn(beam.DoFn):
         self._dups = Metrics.counter(_NS, "exact_duplicates")
 
     def process(self, element):
-        _, sigs = element
-        best, decisions = exact_group(sigs)
+        _, packed = element
+        best, decisions = exact_group(PackedSigs(packed))
         yield best
         for decision in decisions:
             self._dups.inc()

@@ -194,7 +194,9 @@ class _WriteShardFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput("manifest", entry)
         for record in records:
             record["image"] = None
-            yield record
+            # Staged records leave slim again (the ledger reads their details back): on the
+            # local runner the whole output waits in memory for the ledger's stage.
+            yield decided_only(record)
 
     def teardown(self):
         if getattr(self, "_reader", None) is not None:
@@ -221,6 +223,9 @@ class _RankFn(beam.DoFn):
 
 class WriteShards(beam.PTransform):
     """Kept records -> shards on disk; returns (records with key/shard, manifest entries).
+
+    Staged records come out slim, as they went in (with key and shard set); the
+    ledger makes them whole again (graph.write_outputs).
 
     Two shuffles of slim (packed) records: by rank group, where each record
     gets its global position from the groups' counts (a small side input), and

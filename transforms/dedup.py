@@ -450,7 +450,11 @@ def near_decision(node: bytes, label: bytes, note: int) -> List[Decision]:
                               f"near: {why} distance={distance} verify={verify:.2f}"))]
 
 
-def _keyed_by_target(decision: Decision) -> Tuple[str, Decision]:
+# The Beam-facing helpers below carry no type hints on purpose: Beam would take them for the
+# element types and encode those PCollections with typed coders instead of the
+# FastPrimitivesCoder the stage's other shuffles use (the bytes shuffled would change).
+
+def _keyed_by_target(decision):
     _uid, (_status, duplicate_of, _error) = decision
     return duplicate_of, decision
 
@@ -630,12 +634,12 @@ class _UpdateFn(beam.DoFn):
         yield node, (best, neighbours, changed, note)
 
 
-def _label_and_note(node: bytes, state: tuple) -> Tuple[bytes, Tuple[bytes, int]]:
+def _label_and_note(node, state):  # no type hints: see _keyed_by_target
     label, _neighbours, _changed, note = state
     return node, (label, note)
 
 
-def _decide_near(node: bytes, labelled: Tuple[bytes, int]) -> List[Decision]:
+def _decide_near(node, labelled):  # no type hints: see _keyed_by_target
     label, note = labelled
     return near_decision(node, label, note)
 

@@ -45,7 +45,7 @@ class RecordStage(beam.DoFn):
         self._counters: Dict[str, Any] = {}
         self._work_time = beam.metrics.Metrics.distribution(self.namespace, WORK_TIME_METRIC)
 
-    def process(self, record: Dict[str, Any]):
+    def process(self, record):  # no type hints: Beam would read them as the element types
         if not is_live(record):  # decided by an earlier stage: passed on untouched, not counted
             yield record
             return

@@ -126,8 +126,9 @@ class DedupConfig:
     hash: str = "phash"
     hash_size: int = 8
     max_distance: int = 6
-    # Images whose information measure is below this (truly flat) take part in exact dedup only.
-    min_information: float = 0.75
+    # Images whose information measure is below this (fog, haze, gradient skies) are near
+    # duplicates only under the strict low-contrast verification (phash.verify_distance).
+    min_information: float = 1.5
     # Below this information the near search hashes with phash.smooth_hash, not the pHash.
     smooth_below: float = 4.0
     # Mirrored copies are near duplicates (canonical orientation; see phash.near_entries).

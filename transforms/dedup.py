@@ -46,10 +46,14 @@ transformed copies each; README, Deduplication, has the table):
 * verification (phash.verify_distance tolerances): copies of non-flat bases
   found 99-100% for re-encodes, resizes, brightness, contrast, greyscale and
   flips, distinct bases wrongly merged 0.47% (0% of the textured ones).
-* min_information = 0.75 grey levels: below it (5.4% of the photographs,
-  crops of fog and flat night sky) distinct images are the same 6x6 thumbnail
-  to within 2% in level and colour, so they stay exact-only; at 0.25 they
-  would be merged (4.5% of bases wrongly merged instead of 0.24%).
+* min_information = 1.5 grey levels: below it (8% of the photographs: fog,
+  haze, gradient skies) distinct crops of one sky differ from each other by
+  little more than a brightness or contrast copy does, so their pairs are
+  verified by the strict low-contrast rule (phash.verify_distance): nothing
+  left after the best affine luma fit (0.6 levels) and the chroma within 1
+  level; a thumbnail without luma structure is near nothing (exact dedup
+  only).  The earlier rule left every image under 0.75 to exact dedup
+  (5.4% of the photographs, none of their copies caught).
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ from paircurate.beam_util import metered_cogroup, metered_group
 from paircurate.config import DedupConfig
 from paircurate.schema import Status, is_live, mark, pack_record, unpack_record
 from paircurate.transforms.staging import decided_only
-from paircurate.transforms.phash import (MIRRORED, SMOOTH, Rank, bucket_entries, bucket_pairs,
+from paircurate.transforms.phash import (LOW_CONTRAST, MIRRORED, SMOOTH, Rank, bucket_entries, bucket_pairs,
                                          bucket_partition, default_blocks, hamming, hash_hex,
                                          hash_int, key_masks, rank, signature, split_entries,
                                          verify_distance)
@@ -136,12 +140,13 @@ def history_signature(row: Dict[str, Any]) -> Sig:
 def near_entries_of(sig: Sig) -> List[Tuple[int, Entry]]:
     """(search hash, (node_key(rank), flags, thumbnail)) for each entry of a signature.
 
-    Low-information (flat) images have none.  A signature without
-    near_signature (an older ledger, hand-made records) has its pHash as its
-    one entry, without a thumbnail: its pairs are not verified.
+    Low-information images have entries flagged LOW_CONTRAST (verified by the
+    strict rule); in ledgers from before that rule they have none.  A
+    signature without near_signature (an older ledger, hand-made records) has
+    its pHash as its one entry, without a thumbnail: its pairs are not verified.
     """
     _, rank_, _, phash, low, near = sig
-    if low:
+    if low and not near:
         return []
     node = node_key(rank_)
     if near is None:
@@ -157,7 +162,8 @@ def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
         why = "smooth"
     else:
         why = "phash"
-    distance = verify_distance(a[2], b[2]) if a[2] and b[2] else 0.0
+    low_contrast = bool((a[1] | b[1]) & LOW_CONTRAST)
+    distance = verify_distance(a[2], b[2], low_contrast) if a[2] and b[2] else 0.0
     return why, hamming(search_a, search_b), round(distance, 3)
 
 

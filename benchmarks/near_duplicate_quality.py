@@ -659,7 +659,8 @@ def diagnose_photographs(rows, rules, label: str = "default") -> None:
     print("Nearest distinct base (smallest verification distance to any other base), quantiles per band")
     uids = [r["uid"] for r in bases]
     for b in BANDS:
-        nearest = sorted(min(distance(u, v) for v in uids if v != u) for u in uids if band[u.split("-")[0]] == b)
+        nearest = sorted(min(distance(u, v) for v in uids if v != u)
+                         for u in uids if band[u.split("-")[0]] == b)
         if nearest:
             q = [nearest[min(len(nearest) - 1, int(p * len(nearest)))] for p in (0, 0.01, 0.05, 0.1, 0.5)]
             print(f"  {b:9s} n={len(nearest):3d}  min {q[0]:.2f}  1% {q[1]:.2f}  5% {q[2]:.2f}  "
@@ -677,6 +678,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--photographs", action="store_true", help="real photographs (see above)")
     parser.add_argument("--crops-per-photo", type=int, default=18)
+    parser.add_argument("--seed", type=int, default=0, help="photographs: another set of crops and copies")
     parser.add_argument("--only-default", action="store_true", help="photographs: skip the old rule")
     parser.add_argument("--diagnose", action="store_true",
                         help="photographs: verification distances of the missed copies and of the "
@@ -697,7 +699,7 @@ def main(argv=None):
             rules = photo_rules()
             if args.only_default:
                 rules = {"default": rules["default"]}
-            rows, rules = build_photographs(args.crops_per_photo, args.workers,
+            rows, rules = build_photographs(args.crops_per_photo, args.workers, seed=args.seed,
                                             install=not args.no_install, bases=args.bases, rules=rules)
             if args.cache:
                 with open(args.cache, "wb") as handle:

@@ -50,7 +50,7 @@ transformed copies each; README, Deduplication, has the table):
   haze, gradient skies) distinct crops of one sky differ from each other by
   little more than a brightness or contrast copy does, so their pairs are
   verified by the strict low-contrast rule (phash.verify_distance): nothing
-  left after the best affine luma fit (0.6 levels) and the chroma within 1
+  left after the best affine luma fit (0.7 levels) and the chroma within 1
   level; a thumbnail without luma structure is near nothing (exact dedup
   only).  The earlier rule left every image under 0.75 to exact dedup
   (5.4% of the photographs, none of their copies caught).

@@ -20,7 +20,8 @@ Signatures
       ``smooth_hash`` instead; below DedupConfig.min_information (fog, haze,
       gradient skies) their pairs are verified by a stricter rule
       (``verify_distance(low_contrast=True)``), and images without luma
-      structure in their thumbnail (truly flat) are near duplicates of nothing.  Both thresholds come from
+      structure in their thumbnail (truly flat) are near duplicates of
+      nothing.  Both thresholds come from
       benchmarks/near_duplicate_quality.py --photographs.
     * ``near_entries``: what the near search compares, a few dozen bytes per
       entry: (flags, search hash, 44-byte thumbnail), in the image's canonical
@@ -199,7 +200,7 @@ GREY_MIN_CORRELATION = 0.99  # and luma structure correlated at least this well
 # The low-contrast rule (pairs with a low-information image), in grey levels of the thumbnail:
 # distinct crops of one fog or gradient sky differ by little more than brightness and contrast
 # copies do, so what is left after fitting one to the other must be (nearly) nothing.
-LOW_RESIDUAL = 0.6         # luma left over after the best affine fit (RMS)
+LOW_RESIDUAL = 0.7         # luma left over after the best affine fit (RMS; 0.6 misses real copies)
 LOW_CHROMA = 1.0           # 2x2 Cb/Cr difference after the best scale (RMS)
 #: Verification distance of a pair that cannot be verified (no luma structure under the strict rule).
 UNVERIFIABLE = 99.0

@@ -37,6 +37,11 @@ a member of another base's family), overall and split at information 4.0
 
 Usage:  python benchmarks/near_duplicate_quality.py [--bases 2000] [--flat 200] [--k 8]
         python benchmarks/near_duplicate_quality.py --photographs [--crops-per-photo 18]
+            [--bases N] (a fixed seeded sample of the bases, to iterate quickly)
+            [--only-default] [--diagnose] [--cache hashed.pkl]
+Photographs mode also prints recall and merges per information band (flat
+under 0.75, smooth under 4.0, textured); --diagnose adds the verification
+distances of the missed copies and of each base's nearest distinct base.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import multiprocessing
 import random
 import string
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
@@ -494,13 +499,16 @@ OLD_RULE = {"min_information": 4.0, "smooth_below": 0.0, "flips": False, "verify
 
 
 def build_photographs(per_photo: int, workers: int = 2, seed: int = 0, install: bool = True,
-                      files: List[str] = None):
+                      files: List[str] = None, bases: Optional[int] = None, rules=None):
+    """Hashed rows of every base (or of a fixed seeded sample of ``bases`` of them) and its copies."""
     rng = random.Random(seed)
     jobs = []
-    rules = photo_rules()
+    rules = rules or photo_rules()
     for path in files or photo_files(install):
         for crop in photo_crops(path, per_photo, rng):
             jobs.append((len(jobs), crop, rng.randrange(2 ** 30), rules))
+    if bases is not None and bases < len(jobs):
+        jobs = sorted(random.Random(seed + 1).sample(jobs, bases), key=lambda job: job[0])
     if workers <= 1:
         results = list(map(_photo_job, jobs))
     else:
@@ -521,6 +529,14 @@ def _oracles():
     return module
 
 
+def rule_records(rows, label: str, config) -> List[Dict]:
+    """The hashed records of one rule; the old rule leaves images under its min_information exact-only."""
+    records = [hashed[label] for _, _, hashed in rows]
+    if label == "old":
+        records = [dict(r, near_signature="") if r["low_information"] else r for r in records]
+    return records
+
+
 def photo_clusters(records: List[Dict], config) -> Dict[str, str]:
     """uid -> cluster id, deciding as the pipeline does (exact groups, then near pairs), in memory."""
     from paircurate.transforms.dedup import near_edges, record_signature
@@ -539,34 +555,51 @@ def photo_clusters(records: List[Dict], config) -> Dict[str, str]:
     return connected_components([s.uid for s in sigs], edges)
 
 
+#: Information bands the figures are split by: flat (under FLAT_BELOW), smooth, textured.
+FLAT_BELOW = 0.75
+BANDS = ("flat", "smooth", "textured")
+
+
+def band_of(info: float) -> str:
+    return "flat" if info < FLAT_BELOW else "smooth" if info < SMOOTH_BELOW else "textured"
+
+
 def evaluate_photographs(rows, rules) -> Dict[str, Dict]:
     out = {}
     for label, config in rules.items():
-        records = [hashed[label] for _, _, hashed in rows]
+        records = rule_records(rows, label, config)
         cluster = photo_clusters(records, config)
         family = {r["uid"]: fam for (fam, _, _), r in zip(rows, records)}
         families_in: Dict[str, set] = {}
         for uid, c in cluster.items():
             families_in.setdefault(c, set()).add(family[uid])
-        recall, recall_above = {}, {}
         base_info = {r["uid"].split("-")[0]: r["_information"] for (_, variant, _), r in zip(rows, records)
                      if variant == "base"}
+        recall, recall_above, recall_band = {}, {}, {}
         for name in PHOTO_TRANSFORMS:
             copies = [r for (_, variant, _), r in zip(rows, records) if variant == name]
             found = np.array([cluster[r["uid"]] == cluster[r["uid"].split("-")[0] + "-base"]
                               for r in copies])
-            above = np.array([base_info[r["uid"].split("-")[0]] >= config.min_information
-                              for r in copies])
+            info = np.array([base_info[r["uid"].split("-")[0]] for r in copies])
+            above = info >= config.min_information
             recall[name] = float(found.mean())
-            recall_above[name] = float(found[above].mean())
-        bases = [(r, hashed) for (_, variant, hashed), r in zip(rows, records) if variant == "base"]
-        merged = np.array([len(families_in[cluster[r["uid"]]]) > 1 for r, _ in bases])
-        smooth = np.array([information_of(hashed) < SMOOTH_BELOW for _, hashed in bases])
-        out[label] = {"recall": recall, "recall_above": recall_above, "merged": float(merged.mean()),
+            recall_above[name] = float(found[above].mean()) if above.any() else float("nan")
+            bands = np.array([band_of(i) for i in info])
+            recall_band[name] = {band: float(found[bands == band].mean()) if (bands == band).any()
+                                 else float("nan") for band in BANDS}
+        bases = [r for (_, variant, _), r in zip(rows, records) if variant == "base"]
+        merged = np.array([len(families_in[cluster[r["uid"]]]) > 1 for r in bases])
+        bands = np.array([band_of(r["_information"]) for r in bases])
+        smooth = np.array([r["_information"] < SMOOTH_BELOW for r in bases])
+        out[label] = {"recall": recall, "recall_above": recall_above, "recall_band": recall_band,
+                      "merged": float(merged.mean()),
                       "merged_textured": float(merged[~smooth].mean()) if (~smooth).any() else 0.0,
                       "merged_smooth": float(merged[smooth].mean()) if smooth.any() else 0.0,
+                      "merged_band": {band: float(merged[bands == band].mean()) if (bands == band).any()
+                                      else float("nan") for band in BANDS},
+                      "band_share": {band: float((bands == band).mean()) for band in BANDS},
                       "smooth_share": float(smooth.mean()), "bases": len(bases),
-                      "low_information": float(np.mean([r["low_information"] for r, _ in bases]))}
+                      "low_information": float(np.mean([r["low_information"] for r in bases]))}
     return out
 
 
@@ -579,26 +612,90 @@ def print_photographs(result: Dict[str, Dict]) -> None:
     first = result[labels[0]]
     print(f"\n{first['bases']} bases (crops of photographs), {100 * first['smooth_share']:.1f}% smooth "
           f"(information < {SMOOTH_BELOW})")
-    print("Recall: all bases / bases at or above the rule's min_information (the others are exact-only)")
+    print("Recall: all bases / bases at or above the rule's min_information (the old rule: the others are "
+          "exact-only; the default: the others are verified by the low-contrast rule)")
     print(f"  {'transform':14s} " + " ".join(f"{label:>17s}" for label in labels))
     for name in PHOTO_TRANSFORMS:
         print(f"  {name:14s} " + " ".join(f"{result[label]['recall'][name]:8.3f} "
                                           f"{result[label]['recall_above'][name]:8.3f}" for label in labels))
     for key, text in (("merged", "distinct bases wrongly merged"),
                       ("merged_textured", "  of them textured"), ("merged_smooth", "  of them smooth"),
-                      ("low_information", "bases exact-only (low_information)")):
+                      ("low_information", "bases under min_information")):
         print(f"  {text:34s} " + " ".join(f"{100 * result[label][key]:16.2f}%" for label in labels))
+    shares = ", ".join(f"{band} {100 * first['band_share'][band]:.1f}%" for band in BANDS)
+    print(f"\nPer information band (flat < {FLAT_BELOW} <= smooth < {SMOOTH_BELOW} <= textured; "
+          f"bases: {shares}): recall {'/'.join(BANDS)}")
+    print(f"  {'transform':14s} " + " ".join(f"{label:>23s}" for label in labels))
+    for name in PHOTO_TRANSFORMS:
+        print(f"  {name:14s} " + " ".join(
+            " ".join(f"{result[label]['recall_band'][name][band]:7.3f}" for band in BANDS)
+            for label in labels))
+    print(f"  {'wrongly merged':14s} " + " ".join(
+        " ".join(f"{100 * result[label]['merged_band'][band]:6.2f}%" for band in BANDS)
+        for label in labels))
+
+
+def diagnose_photographs(rows, rules, label: str = "default") -> None:
+    """Verification distances of missed copies (base vs copy) against the nearest distinct pairs, per band.
+
+    A copy is missed when its cluster is not its base's.  Its distance here is
+    the smallest verify_distance over the two images' entries (no candidate
+    search: what verification would say if the search paired them).  The
+    distinct side: for each base, the smallest distance to a base of another
+    photograph's crop or of the same photograph (hard negatives), all pairs.
+    """
+    from paircurate.transforms.dedup import near_entries_of, record_signature
+    from paircurate.transforms.phash import LOW_CONTRAST, verify_distance
+
+    config = rules[label]
+    records = rule_records(rows, label, config)
+    cluster = photo_clusters(records, config)
+    thumbs = {r["uid"]: [e[1][1:] for e in near_entries_of(record_signature(r))] for r in records}
+
+    def distance(a: str, b: str) -> float:
+        return min((verify_distance(x, y, bool((fx | fy) & LOW_CONTRAST))
+                    for fx, x in thumbs[a] for fy, y in thumbs[b]), default=float("inf"))
+
+    bases = [r for (_, variant, _), r in zip(rows, records) if variant == "base"]
+    band = {r["uid"].split("-")[0]: band_of(r["_information"]) for r in bases}
+    print(f"\nDiagnosis ({label}): verification distance of missed copies, per band and transform")
+    missed: Dict[Tuple[str, str], List[float]] = {}
+    for (_, variant, _), r in zip(rows, records):
+        base_uid = r["uid"].split("-")[0] + "-base"
+        if variant == "base" or variant not in ROBUST or cluster[r["uid"]] == cluster[base_uid]:
+            continue
+        missed.setdefault((band[r["uid"].split("-")[0]], variant), []).append(distance(base_uid, r["uid"]))
+    for (b, variant), values in sorted(missed.items()):
+        values = sorted(values)
+        print(f"  {b:9s} {variant:14s} missed {len(values):3d}  verify " +
+              " ".join(f"{v:.2f}" for v in values[:12]) + (" ..." if len(values) > 12 else ""))
+    print("Nearest distinct base (smallest verification distance to any other base), quantiles per band")
+    uids = [r["uid"] for r in bases]
+    for b in BANDS:
+        nearest = sorted(min(distance(u, v) for v in uids if v != u)
+                         for u in uids if band[u.split("-")[0]] == b)
+        if nearest:
+            q = [nearest[min(len(nearest) - 1, int(p * len(nearest)))] for p in (0, 0.01, 0.05, 0.1, 0.5)]
+            print(f"  {b:9s} n={len(nearest):3d}  min {q[0]:.2f}  1% {q[1]:.2f}  5% {q[2]:.2f}  "
+                  f"10% {q[3]:.2f}  median {q[4]:.2f}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bases", type=int, default=2000)
+    parser.add_argument("--bases", type=int, default=None,
+                        help="generated mode: distinct bases (2000); photographs mode: a fixed seeded "
+                             "sample of this many bases (default all)")
     parser.add_argument("--flat", type=int, default=200)
     parser.add_argument("--k", type=int, default=6, help="max_distance to report per transform")
     parser.add_argument("--min-information", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--photographs", action="store_true", help="real photographs (see above)")
     parser.add_argument("--crops-per-photo", type=int, default=18)
+    parser.add_argument("--seed", type=int, default=0, help="photographs: another set of crops and copies")
+    parser.add_argument("--only-default", action="store_true", help="photographs: skip the old rule")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="photographs: verification distances of the missed copies and of the "
+                             "nearest distinct bases, per information band")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get the photo packages")
     parser.add_argument("--cache", help="pickle of the hashed photographs: written, or read if it exists "
                         "(to try other verification tolerances without hashing again)")
@@ -612,15 +709,22 @@ def main(argv=None):
             with open(args.cache, "rb") as handle:
                 rows, rules = pickle.load(handle)
         else:
-            rows, rules = build_photographs(args.crops_per_photo, args.workers,
-                                            install=not args.no_install)
+            rules = photo_rules()
+            if args.only_default:
+                rules = {"default": rules["default"]}
+            rows, rules = build_photographs(args.crops_per_photo, args.workers, seed=args.seed,
+                                            install=not args.no_install, bases=args.bases, rules=rules)
             if args.cache:
                 with open(args.cache, "wb") as handle:
                     pickle.dump((rows, rules), handle)
         print(f"{len(rows)} images hashed in {time.time() - start:.0f}s")
+        rules = {label: config for label, config in photo_rules().items() if label in rules}
         print_photographs(evaluate_photographs(rows, rules))
+        if args.diagnose:
+            diagnose_photographs(rows, rules)
         print(f"\ntotal {time.time() - start:.0f}s")
         return
+    args.bases = 2000 if args.bases is None else args.bases
     data = build(args.bases, args.flat, args.workers)
     images = sum(len(rows) for _, _, rows in data)
     print(f"{args.bases} structured + {args.flat} flat bases, {images} images hashed "

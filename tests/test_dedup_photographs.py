@@ -95,5 +95,27 @@ def test_smooth_photographs_copies_are_caught_and_distinct_ones_kept(tmp_path, i
                 assert r["duplicate_of"] == kept[0]["uid"], (name, r["variant"])
         flip = next(r for r in family if r["variant"] == "flip")
         assert kept[0]["variant"] == "flip" or flip["error"].startswith("near: flip")
-    # None of them was left to exact dedup only.
-    assert not any(r["low_information"] for r in ledger)
+    # None of them was left to exact dedup only: every image has near-search entries.
+    assert all(r["near_signature"] for r in ledger)
+
+
+def test_photographs_benchmark_runs_a_seeded_subset_and_splits_by_band():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "near_duplicate_quality.py")
+    spec = importlib.util.spec_from_file_location("near_duplicate_quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    files = sorted(glob.glob(PHOTOS))[:2]
+    rules = {"default": quality.photo_rules()["default"]}
+    rows, _ = quality.build_photographs(4, workers=1, files=files, bases=3, rules=rules)
+    again, _ = quality.build_photographs(4, workers=1, files=files, bases=3, rules=rules)
+    bases = [hashed["default"]["uid"] for _, variant, hashed in rows if variant == "base"]
+    assert len(bases) == 3 and len(rows) == 3 * (1 + len(quality.PHOTO_TRANSFORMS))
+    assert bases == [hashed["default"]["uid"] for _, variant, hashed in again if variant == "base"]
+    result = quality.evaluate_photographs(rows, rules)["default"]
+    assert abs(sum(result["band_share"].values()) - 1) < 1e-9
+    for name in quality.ROBUST:
+        known = [v for v in result["recall_band"][name].values() if v == v]  # nan: no base in the band
+        assert known and all(0 <= v <= 1 for v in known)
+    assert result["recall"]["jpeg_q40"] == 1.0  # three textured or smooth crops: their re-encodes are found

@@ -167,8 +167,11 @@ def test_an_image_of_ambiguous_orientation_has_both_entries():
 
 def test_signature_flags_flat_images_and_uses_the_smooth_hash_for_smooth_ones():
     config = DedupConfig()
+    from paircurate.transforms.phash import LOW_CONTRAST
+
     flat = Image.new("RGB", (300, 200), (90, 90, 200))
-    assert signature(flat, min_information=config.min_information).near == b""
+    near = signature(flat, min_information=config.min_information).near
+    assert near and all(flags & LOW_CONTRAST for flags, _, _ in split_entries(near))
     image = sky(2)
     assert information(image) < config.smooth_below
     near = signature(image, min_information=config.min_information, smooth_below=config.smooth_below,
@@ -200,9 +203,10 @@ def test_near_edges_catch_smooth_copies_and_flips_and_keep_distinct_skies_apart(
     assert len({clusters[u] for u in ("sky", "sky-q40", "sky-flip", "sky-bright")}) == 1
     assert clusters["other-sky"] not in (clusters["sky"], clusters["scene"])
     assert clusters["scene-flip"] == clusters["scene"] != clusters["sky"]
-    # The old rule (exact only under information 4.0, no flips) catches none of the sky copies.
+    # The old rule (exact only under information 4.0, no flips) catches none of the sky copies:
+    # low-information images without entries, as ledgers from before the low-contrast rule hold them.
     old = DedupConfig(min_information=4.0, smooth_below=0.0, flips=False, verify=False)
-    old_sigs = [(u, r, sha, ph, True, near) if u.startswith(("sky", "other")) else (u, r, sha, ph, low, near)
+    old_sigs = [(u, r, sha, ph, True, b"") if u.startswith(("sky", "other")) else (u, r, sha, ph, low, near)
                 for u, r, sha, ph, low, near in sigs]
     assert all(not ({a, b} & {"sky-q40", "sky-flip"}) for a, b in near_edges(old_sigs, old))
 
@@ -235,3 +239,64 @@ def test_bounded_verification_does_not_depend_on_element_order():
         random.Random(seed).shuffle(shuffled)
         assert verified_edges(shuffled, None, 1, 1, config, max_comparisons=3)[0] == first
     assert len(first) == 3  # the window held: 3 of the 6 pairs were compared
+
+
+# --------------------------------------------------------------------------- low information
+
+def gradient_sky(top: float, bottom: float, colour=(0.75, 0.85, 1.0), size=(480, 320), seed=0,
+                 curve: float = 1.0) -> Image.Image:
+    """A low-information photograph: a faint vertical gradient (grey levels top -> bottom), sensor noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = top + (bottom - top) * np.linspace(0, 1, h) ** curve
+    luma = ramp[:, None, None] * np.array(colour)[None, None, :]
+    pixels = luma + np.zeros((h, w, 3)) + rng.normal(0, 1.0, (h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _low_entries(image: Image.Image) -> bytes:
+    config = DedupConfig()
+    return signature(image, min_information=config.min_information, smooth_below=config.smooth_below,
+                     flips=config.flips).near
+
+
+def test_low_information_images_get_entries_flagged_for_the_strict_rule():
+    from paircurate.transforms.phash import LOW_CONTRAST
+
+    image = gradient_sky(150, 190)
+    assert information(image) < DedupConfig().min_information
+    entries = split_entries(_low_entries(image))
+    assert entries and all(flags & LOW_CONTRAST for flags, _, _ in entries)
+    assert not any(flags & LOW_CONTRAST for flags, _, _ in split_entries(_low_entries(scene(1))))
+
+
+def test_low_contrast_verification_keeps_copies_and_rejects_other_gradients_and_flat_images():
+    base = gradient_sky(150, 190)
+    copies = [COPIES[name](base) for name in ("jpeg_q40", "resize_0.5", "bright_+12", "bright_-12",
+                                              "contrast_+20")]
+    for copy in copies:
+        assert verify_distance(thumbnail(base), thumbnail(copy), low_contrast=True) <= 1.0
+    # Another crop of the same sky: a little darker, the gradient curved, a little bluer.  The ordinary
+    # rule lets it pass (brightness and contrast copies look like this); the strict one does not.
+    other = gradient_sky(143, 178, colour=(0.73, 0.85, 1.04), curve=1.6)
+    assert verify_distance(thumbnail(base), thumbnail(other)) <= 1.0
+    assert verify_distance(thumbnail(base), thumbnail(other), low_contrast=True) > 1.0
+    # Truly flat (no luma structure in the thumbnail): nothing to verify, exact dedup only.
+    flat = gradient_sky(180, 181, colour=(1, 1, 1))
+    assert verify_distance(thumbnail(flat), thumbnail(jpeg(flat, 40)), low_contrast=True) > 1.0
+
+
+def test_near_edges_catch_copies_of_low_information_images():
+    base, other = gradient_sky(150, 190), gradient_sky(143, 178, colour=(0.73, 0.85, 1.04), curve=1.6, seed=1)
+    flat = gradient_sky(180, 181, colour=(1, 1, 1), seed=2)
+    images = {"base": base, "bright": COPIES["bright_+12"](base), "q40": jpeg(base, 40),
+              "other": other, "flat": flat, "flat_q40": jpeg(flat, 40)}
+    config = DedupConfig()
+    sigs = []
+    for uid, image in images.items():
+        s = signature(image, min_information=config.min_information, smooth_below=config.smooth_below,
+                      flips=config.flips)
+        sigs.append((uid, (1, 0, uid), s.sha256, s.phash, s.information < config.min_information, s.near))
+    edges = {tuple(sorted(e)) for e in near_edges(sigs, config)}
+    assert ("base", "bright") in edges and ("base", "q40") in edges
+    assert not any("other" in e or "flat" in e or "flat_q40" in e for e in edges)

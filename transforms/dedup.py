@@ -46,10 +46,14 @@ transformed copies each; README, Deduplication, has the table):
 * verification (phash.verify_distance tolerances): copies of non-flat bases
   found 99-100% for re-encodes, resizes, brightness, contrast, greyscale and
   flips, distinct bases wrongly merged 0.47% (0% of the textured ones).
-* min_information = 0.75 grey levels: below it (5.4% of the photographs,
-  crops of fog and flat night sky) distinct images are the same 6x6 thumbnail
-  to within 2% in level and colour, so they stay exact-only; at 0.25 they
-  would be merged (4.5% of bases wrongly merged instead of 0.24%).
+* min_information = 1.5 grey levels: below it (8% of the photographs: fog,
+  haze, gradient skies) distinct crops of one sky differ from each other by
+  little more than a brightness or contrast copy does, so their pairs are
+  verified by the strict low-contrast rule (phash.verify_distance): nothing
+  left after the best affine luma fit (0.7 levels) and the chroma within 1
+  level; a thumbnail without luma structure is near nothing (exact dedup
+  only).  The earlier rule left every image under 0.75 to exact dedup
+  (5.4% of the photographs, none of their copies caught).
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from paircurate.transforms.beam_util import metered_cogroup, metered_group
 from paircurate.transforms.phash import (
+    LOW_CONTRAST,
     MIRRORED,
     SMOOTH,
     Rank,
@@ -118,8 +123,9 @@ class DedupConfig:
     hash: str = setting("phash", choices=("phash", "dhash", "ahash", "whash"))
     hash_size: int = setting(8, Bounds(2, 32))  # imagehash needs 2+; near search 8 at most
     max_distance: int = setting(6, NON_NEGATIVE)  # at most the hash's bits, checked below
-    # Images whose information measure is below this (truly flat) take part in exact dedup only.
-    min_information: float = setting(0.75, Bounds(0))
+    # Images whose information measure is below this (fog, haze, gradient skies) are near
+    # duplicates only under the strict low-contrast verification (phash.verify_distance).
+    min_information: float = setting(1.5, Bounds(0))
     # Below this information the near search hashes with phash.smooth_hash, not the pHash.
     smooth_below: float = setting(4.0, Bounds(0))
     # Mirrored copies are near duplicates (canonical orientation; see phash.near_entries).
@@ -261,12 +267,13 @@ def plain(value: tuple) -> tuple:
 def near_entries_of(sig: tuple) -> List[Tuple[int, tuple]]:
     """(search hash, (node_key(rank), flags, thumbnail)) for each entry of a signature.
 
-    Low-information (flat) images have none.  A signature without
-    near_signature (an older ledger, hand-made records) has its pHash as its
-    one entry, without a thumbnail: its pairs are not verified.
+    Low-information images have entries flagged LOW_CONTRAST (verified by the
+    strict rule); in ledgers from before that rule they have none.  A
+    signature without near_signature (an older ledger, hand-made records) has
+    its pHash as its one entry, without a thumbnail: its pairs are not verified.
     """
     sig = Sig(*sig)
-    if sig.low_information:
+    if sig.low_information and not sig.near:
         return []
     node = node_key(sig.rank)
     if sig.near is None:
@@ -282,7 +289,8 @@ def edge_note(a: Entry, b: Entry, search_a: int, search_b: int) -> EdgeNote:
         why = "smooth"
     else:
         why = "phash"
-    distance = verify_distance(a.thumbnail, b.thumbnail) if a.thumbnail and b.thumbnail else 0.0
+    low_contrast = bool((a.flags | b.flags) & LOW_CONTRAST)
+    distance = verify_distance(a.thumbnail, b.thumbnail, low_contrast) if a.thumbnail and b.thumbnail else 0.0
     return EdgeNote(why, hamming(search_a, search_b), round(distance, 3))
 
 

@@ -17,8 +17,11 @@ Signatures
       median is near zero and pHash's bits (coefficient > median) are decided
       by noise and JPEG artefacts: such hashes collide across unrelated
       images.  Below DedupConfig.smooth_below the near search uses
-      ``smooth_hash`` instead; below DedupConfig.min_information (truly flat)
-      images take part in exact dedup only.  Both thresholds come from
+      ``smooth_hash`` instead; below DedupConfig.min_information (fog, haze,
+      gradient skies) their pairs are verified by a stricter rule
+      (``verify_distance(low_contrast=True)``), and images without luma
+      structure in their thumbnail (truly flat) are near duplicates of
+      nothing.  Both thresholds come from
       benchmarks/near_duplicate_quality.py --photographs.
     * ``near_entries``: what the near search compares, a few dozen bytes per
       entry: (flags, search hash, 44-byte thumbnail), in the image's canonical
@@ -141,7 +144,7 @@ class Signature:
     sha256: str
     phash: int
     information: float
-    #: near_entries(): the near-duplicate search's entries (b"" for a flat image).
+    #: near_entries(): the near-duplicate search's entries.
     near: bytes = b""
 
 
@@ -151,8 +154,8 @@ def signature(data: ImageLike, hash_name: str = "phash", hash_size: int = 8,
     """Decode once, compute all signatures."""
     image = open_image(data)
     info = information(image)
-    near = b"" if info < min_information else near_entries(
-        image, hash_name, hash_size, search_kinds(info, smooth_below), flips)
+    near = near_entries(image, hash_name, hash_size, search_kinds(info, smooth_below), flips,
+                        low_contrast=info < min_information)
     return Signature(content_sha256(image), perceptual_hash(image, hash_name, hash_size), info, near)
 
 
@@ -176,8 +179,9 @@ def search_kinds(info: float, smooth_below: float) -> List[bool]:
 VERIFY_SIDE = 6
 #: One entry: flags (1 byte), search hash (8), luma VERIFY_SIDE^2 (36), chroma 2x2x2 (8).
 ENTRY_BYTES = 1 + 8 + VERIFY_SIDE ** 2 + 8
-#: Entry flags: the entry describes the mirrored image; its search hash is the smooth hash.
-MIRRORED, SMOOTH = 1, 2
+#: Entry flags: the entry describes the mirrored image; its search hash is the smooth hash;
+#: the image has low information (its pairs are verified with verify_distance(low_contrast=True)).
+MIRRORED, SMOOTH, LOW_CONTRAST = 1, 2, 4
 #: |horizontal balance| under which an image's orientation is ambiguous (both orientations are entries).
 FLIP_MARGIN = 0.2
 #: Images with information within this factor of dedup.smooth_below get both search hashes.
@@ -193,6 +197,13 @@ FLAT_SPREAD = 2.0          # luma spread under which the structure is noise: lev
 GREY = 3.0                 # chroma RMS under which an image counts as greyscale
 GREY_LUMA_RATIO = 1.05     # greyscale vs colour: luma level and spread within 5%
 GREY_MIN_CORRELATION = 0.99  # and luma structure correlated at least this well
+# The low-contrast rule (pairs with a low-information image), in grey levels of the thumbnail:
+# distinct crops of one fog or gradient sky differ by little more than brightness and contrast
+# copies do, so what is left after fitting one to the other must be (nearly) nothing.
+LOW_RESIDUAL = 0.7         # luma left over after the best affine fit (RMS; 0.6 misses real copies)
+LOW_CHROMA = 1.0           # 2x2 Cb/Cr difference after the best scale (RMS)
+#: Verification distance of a pair that cannot be verified (no luma structure under the strict rule).
+UNVERIFIABLE = 99.0
 
 
 def _grey32(image) -> np.ndarray:
@@ -253,7 +264,7 @@ def thumbnail(image) -> bytes:
 
 
 def near_entries(data: ImageLike, hash_name: str = "phash", hash_size: int = 8,
-                 kinds: Sequence[bool] = (False,), flips: bool = True) -> bytes:
+                 kinds: Sequence[bool] = (False,), flips: bool = True, low_contrast: bool = False) -> bytes:
     """The image's entries for the near-duplicate search, ENTRY_BYTES each.
 
     An entry is (flags, search hash, thumbnail).  The search hash is the
@@ -280,7 +291,8 @@ def near_entries(data: ImageLike, hash_name: str = "phash", hash_size: int = 8,
                 search = smooth_hash(grey[:, ::-1] if mirrored else grey)
             else:
                 search = perceptual_hash(oriented, hash_name, hash_size)
-            flags = (MIRRORED if mirrored else 0) | (SMOOTH if smooth else 0)
+            flags = ((MIRRORED if mirrored else 0) | (SMOOTH if smooth else 0)
+                     | (LOW_CONTRAST if low_contrast else 0))
             entries.append(bytes([flags]) + search.to_bytes(8, "big") + thumb)
     return b"".join(entries)
 
@@ -291,7 +303,7 @@ def split_entries(near: bytes) -> List[Tuple[int, int, bytes]]:
             for i in range(0, len(near) - ENTRY_BYTES + 1, ENTRY_BYTES)]
 
 
-def verify_distance(a: bytes, b: bytes) -> float:
+def verify_distance(a: bytes, b: bytes, low_contrast: bool = False) -> float:
     """How far apart two thumbnails are, in units of the tolerances: <= 1.0 is a near duplicate.
 
     The largest of: luma structure (1 - correlation of the 6x6 luma with mean
@@ -299,6 +311,12 @@ def verify_distance(a: bytes, b: bytes) -> float:
     and spread ratios, and the 2x2 chroma difference.  A greyscale image
     matches a coloured one only when both have clear luma structure (a
     greyscale copy of a photograph); a flat grey sky does not match an orange one.
+
+    ``low_contrast`` (either image has low information) adds a stricter test:
+    the luma residual after the best affine fit (brightness and contrast are
+    affine) within LOW_RESIDUAL grey levels and the chroma within LOW_CHROMA;
+    a thumbnail without luma structure (spread under FLAT_SPREAD) cannot be
+    verified at all (UNVERIFIABLE): such images are left to exact dedup.
     """
     if a > b:  # the chroma fit scales one side: a fixed order keeps the distance symmetric
         a, b = b, a
@@ -331,6 +349,15 @@ def verify_distance(a: bytes, b: bytes) -> float:
         scale = min(max(float(np.dot(ca, cb) / max(np.dot(ca, ca), 1e-9)), 1 / CHROMA_SCALE),
                     CHROMA_SCALE)
         colour = float(np.sqrt(np.mean((scale * ca - cb) ** 2))) / CHROMA_TOLERANCE
+    if low_contrast:
+        if min(sa, sb) < FLAT_SPREAD:
+            return UNVERIFIABLE
+        correlation = float(np.dot(ya - ya.mean(), yb - yb.mean()) / (len(ya) * sa * sb))
+        residual = min(sa, sb) * math.sqrt(max(0.0, 1 - correlation ** 2)) / LOW_RESIDUAL
+        strict_colour = 0.0
+        if min(ga, gb) >= GREY:  # a greyscale copy: the luma rule above already decides
+            strict_colour = colour * CHROMA_TOLERANCE / LOW_CHROMA
+        return max(level, spread, structure, colour, residual, strict_colour)
     return max(level, spread, structure, colour)
 
 

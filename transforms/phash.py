@@ -424,6 +424,33 @@ def bucket_entries(hashes: np.ndarray, masks: np.ndarray
     return keys, tiled, tiled & masks[keys]
 
 
+def windowed_comparisons(starts: np.ndarray, max_comparisons: Optional[int], stats) -> np.ndarray:
+    """Items sorted into buckets (``starts`` marks each bucket's first): how many of the items
+    after each one, in its bucket, it is compared with.
+
+    All pairs of a bucket, unless their count is over ``max_comparisons``: such a
+    hot bucket is compared in a sliding window (each item with the next
+    max_comparisons // size).  Sets ``stats``' overflowing, comparisons and
+    skipped (the pHash buckets' and the semantic bands' figures alike).
+    """
+    n = starts.size
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    sizes = np.diff(np.append(first, n))
+    position = np.arange(n) - first[group]
+    all_pairs = sizes * (sizes - 1) // 2
+    window = sizes - 1
+    if max_comparisons is not None:
+        hot = all_pairs > max_comparisons
+        if hot.any():
+            window = np.where(hot, np.maximum(1, max_comparisons // np.maximum(sizes, 1)), window)
+            stats.overflowing = int(hot.sum())
+    remaining = np.minimum(sizes[group] - 1 - position, window[group])
+    stats.comparisons = int(remaining.sum())
+    stats.skipped = int(all_pairs.sum()) - stats.comparisons
+    return remaining
+
+
 @dataclass
 class BucketStats:
     comparisons: int = 0
@@ -453,20 +480,7 @@ def bucket_pairs(key_index: np.ndarray, hashes: np.ndarray, masks: np.ndarray,
     n = hashes.size
     starts = np.ones(n, dtype=bool)
     starts[1:] = (keys[1:] != keys[:-1]) | (values[1:] != values[:-1])
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    sizes = np.diff(np.append(first, n))
-    position = np.arange(n) - first[group]
-    all_pairs = sizes * (sizes - 1) // 2
-    window = sizes - 1
-    if max_comparisons is not None:
-        hot = all_pairs > max_comparisons
-        if hot.any():
-            window = np.where(hot, np.maximum(1, max_comparisons // np.maximum(sizes, 1)), window)
-            stats.overflowing = int(hot.sum())
-    remaining = np.minimum(sizes[group] - 1 - position, window[group])
-    stats.comparisons = int(remaining.sum())
-    stats.skipped = int(all_pairs.sum()) - stats.comparisons
+    remaining = windowed_comparisons(starts, max_comparisons, stats)
 
     found_a, found_b, found_key = [], [], []
     active = np.flatnonzero(remaining >= 1)

@@ -54,7 +54,7 @@ from paircurate.transforms.dedup import (
     node_uid,
     propagate_labels,
 )
-from paircurate.transforms.phash import bucket_partition, rank
+from paircurate.transforms.phash import bucket_partition, rank, windowed_comparisons
 from paircurate.transforms.schema import Status, is_live, pack_record, unpack_record
 from paircurate.transforms.staging import decided_only
 
@@ -160,20 +160,7 @@ def band_pairs(band: int, values: np.ndarray, sketch: np.ndarray, tiebreak: np.n
     vals = values[order]
     starts = np.ones(n, dtype=bool)
     starts[1:] = vals[1:] != vals[:-1]
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    sizes = np.diff(np.append(first, n))
-    position = np.arange(n) - first[group]
-    all_pairs = sizes * (sizes - 1) // 2
-    window = sizes - 1
-    if max_comparisons is not None:
-        hot = all_pairs > max_comparisons
-        if hot.any():
-            window = np.where(hot, np.maximum(1, max_comparisons // np.maximum(sizes, 1)), window)
-            stats.overflowing = int(hot.sum())
-    remaining = np.minimum(sizes[group] - 1 - position, window[group])
-    stats.comparisons = int(remaining.sum())
-    stats.skipped = int(all_pairs.sum()) - stats.comparisons
+    remaining = windowed_comparisons(starts, max_comparisons, stats)
     sorted_sketch = sketch[order]
     earlier = band * band_bytes
     found_a, found_b = [], []

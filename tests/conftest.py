@@ -1,6 +1,7 @@
 """Shared fixtures: a loopback image server and input-list builders."""
 from __future__ import annotations
 
+import glob
 import os
 
 import pyarrow as pa
@@ -35,6 +36,20 @@ def serve_images(image_server):
         return items
     return make
 
+
+
+def ledger(root):
+    """Every ledger row of a finished run, in file order."""
+    return [r for f in sorted(glob.glob(os.path.join(root, "metadata", "*.parquet")))
+            for r in pq.read_table(f).to_pylist()]
+
+
+def shard_keys(root):
+    """The sample keys of a finished run's shards, as a WebDataset reader sees them."""
+    import webdataset as wds
+
+    shards = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
+    return [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)] if shards else []
 
 def generated_rows(server, n, prefix, seed):
     """(routes, rows) for n generated images under /PREFIX/i.jpg: a route table to serve, and input rows."""

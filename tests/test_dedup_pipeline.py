@@ -1,27 +1,13 @@
 """Dedup end to end: duplicate families under different URLs, then a run against history."""
-import glob
 import os
 
-import pyarrow.parquet as pq
-
+from conftest import ledger, shard_keys
 from paircurate.config import load_config
 from paircurate.demo import encode, synthetic_image
 from paircurate.imageserver import Route
 from paircurate.run import run_pipeline
 
 FAMILIES = 6
-
-
-def ledger(root):
-    return [r for f in sorted(glob.glob(os.path.join(root, "metadata", "*.parquet")))
-            for r in pq.read_table(f).to_pylist()]
-
-
-def shard_keys(root):
-    import webdataset as wds
-
-    shards = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
-    return [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)] if shards else []
 
 
 def config(server, *extra):

@@ -1,11 +1,10 @@
 """Semantic dedup: float16 embeddings, LSH candidates, clustering, and the stage end to end."""
-import glob
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
+from conftest import ledger, shard_keys
 from oracles import connected_components
 from paircurate.config import load_config
 from paircurate.transforms import semantic
@@ -158,18 +157,6 @@ def test_stage_marks_live_embedded_records_drops_embeddings_and_keeps_every_reco
 
 
 # --------------------------------------------------------------------------- end to end
-
-def ledger(root):
-    return [r for f in sorted(glob.glob(os.path.join(root, "metadata", "*.parquet")))
-            for r in pq.read_table(f).to_pylist()]
-
-
-def shard_keys(root):
-    import webdataset as wds
-
-    shards = sorted(glob.glob(os.path.join(root, "shards", "*.tar")))
-    return [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)] if shards else []
-
 
 @pytest.mark.parametrize("dedup_overrides", [
     ["dedup.enabled=false"],                           # staging moves before CLIP

@@ -497,6 +497,55 @@ def test_fast_plan_only_for_transforms_it_reproduces():
         clip_model.load_clip(tiny_config(preprocess="quick"))
 
 
+def pil_pixels(data: bytes, draft=None) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        if draft:
+            image.draft(image.mode, draft)
+        return np.array(image.convert("RGB"))
+
+
+def test_fast_decode_gives_pils_pixels_and_leaves_odd_modes_to_the_exact_path():
+    plan = clip_model.FastResize("shortest", (64, 64), "bicubic")
+    image, _ = synthetic_image(31, size=(256, 180))
+    for data in (encode(image), encode(image.convert("L")), encode(image, "PNG"),
+                 encode(synthetic_image(32, size=(256, 256))[0], quality=95)):
+        pixels, original = clip_model.decode_pixels(data, clip_model.FastResize("shortest", (224, 224), "bicubic"))
+        expected = pil_pixels(data)
+        assert original == expected.shape[:2] and pixels.dtype == torch.uint8
+        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), expected)  # torchvision's libjpeg-turbo = PIL's
+    # A JPEG at least four times the size the model needs: decoded at a reduced scale, as PIL drafts it.
+    large = encode(synthetic_image(33, size=(1100, 900))[0])
+    pixels, original = clip_model.decode_pixels(large, plan)
+    assert original == (900, 1100) and tuple(pixels.shape) == (3, 225, 275)
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), pil_pixels(large, draft=(2 * 78, 2 * 64)))
+    assert clip_model.decode_pixels(encode(image.convert("CMYK")), plan) is None
+    assert clip_model.decode_pixels(encode(image.convert("P"), "PNG"), plan) is None
+
+
+def test_fast_path_on_cpu_names_what_is_wrong_with_a_truncated_jpeg():
+    loaded = clip_model.load_clip(tiny_config(preprocess="fast"))
+    data = encode(synthetic_image(34, size=(256, 256))[0])
+    out = np.zeros((2, 3, 64, 64), np.float32)
+    assert loaded._prepare_fast_into(out, 0, data) is None and np.abs(out[0]).max() > 0
+    error = loaded._prepare_fast_into(out, 1, data[: len(data) // 2])  # torchvision refuses; PIL says why
+    assert error and "truncated" in error
+
+
+def test_normalise_into_is_totensor_then_normalize():
+    from torchvision.transforms import Normalize, ToTensor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    scale = (1.0 / (255.0 * np.array(std, np.float32))).reshape(3, 1, 1)
+    shift = (-np.array(mean, np.float32) / np.array(std, np.float32)).reshape(3, 1, 1)
+    hwc = np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = Normalize(mean, std)(ToTensor()(hwc)).numpy()
+    for pixels in (torch.from_numpy(hwc).permute(2, 0, 1),  # HWC in memory, as the decoders give it
+                   torch.from_numpy(hwc).permute(2, 0, 1).contiguous()[:, 2:, 3:]):  # a cropped view
+        out = np.full((3, *pixels.shape[1:]), np.nan, np.float32)
+        clip_model.normalise_into(out, pixels, scale, shift)
+        assert np.abs(out - expected[:, -pixels.shape[1]:, -pixels.shape[2]:]).max() < 1e-5
+
+
 def test_fast_path_batch_decode_scores_within_bound_and_falls_back():
     """The batched decode a GPU uses (run here on the CPU): same bound; what it cannot read goes to PIL."""
     pairs = varied_images()

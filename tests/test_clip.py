@@ -522,6 +522,35 @@ def test_fast_decode_gives_pils_pixels_and_leaves_odd_modes_to_the_exact_path():
     assert clip_model.decode_pixels(encode(image.convert("P"), "PNG"), plan) is None
 
 
+def test_jpeg_header_reads_what_pil_reads():
+    image, _ = synthetic_image(35, size=(300, 170))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: an APP1 segment before the frame header
+    cases = {"RGB": encode(image), "L": encode(image.convert("L")), "CMYK": encode(image.convert("CMYK"))}
+    for name, kw in (("progressive", {"progressive": True}), ("exif", {"exif": exif.tobytes()}),
+                     ("icc", {"icc_profile": b"\0" * 5000})):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80, **kw)
+        cases[name] = buffer.getvalue()
+    for name, data in cases.items():
+        with Image.open(io.BytesIO(data)) as reference:
+            components = {"L": 1, "RGB": 3, "CMYK": 4}[reference.mode]
+            assert clip_model.jpeg_header(data) == (reference.height, reference.width, components, 8), name
+    assert clip_model.jpeg_header(encode(image, "PNG")) is None
+    assert clip_model.jpeg_header(b"\xff\xd8\xff not really a jpeg") is None
+    assert clip_model.jpeg_header(cases["exif"][:40]) is None  # cut before the frame header
+
+
+@pytest.mark.parametrize("width,height", [(256, 256), (255, 255), (300, 200), (1100, 900), (511, 2000),
+                                          (512, 512), (4000, 300), (4000, 250)])
+def test_drafts_agrees_with_pil(width, height):
+    plan = clip_model.FastResize("shortest", (64, 64), "bicubic")
+    with Image.open(io.BytesIO(encode(Image.new("RGB", (width, height))))) as image:
+        target = plan.resized(width, height)
+        image.draft("RGB", (clip_model.DRAFT_HEADROOM * target[1], clip_model.DRAFT_HEADROOM * target[0]))
+        assert clip_model.drafts(width, height, target) == (image.size != (width, height))
+
+
 def test_fast_path_on_cpu_names_what_is_wrong_with_a_truncated_jpeg():
     loaded = clip_model.load_clip(tiny_config(preprocess="fast"))
     data = encode(synthetic_image(34, size=(256, 256))[0])

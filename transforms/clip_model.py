@@ -496,29 +496,72 @@ def decode_for_resize(data: bytes, plan: FastResize) -> Optional[Tuple[np.ndarra
         return np.asarray(image), target
 
 
+#: Start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC), whose segment gives the image size.
+_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_header(data: bytes) -> Optional[Tuple[int, int, int, int]]:
+    """(height, width, components, bits per sample) from a JPEG's frame header; None when
+    the bytes are not a JPEG or no frame header comes before the image data.
+
+    Walks the marker segments only (a few microseconds; PIL's header parser, in
+    Python, reads the quantisation tables too).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            i += 2
+        elif marker in _FRAME_MARKERS:
+            if i + 10 > n:
+                return None
+            return ((data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], data[i + 9], data[i + 4])
+        elif marker in (0xD9, 0xDA):  # end of image, or image data before any frame header
+            return None
+        else:
+            i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def drafts(width: int, height: int, target: Tuple[int, int]) -> bool:
+    """Whether PIL's draft mode decodes a JPEG of this size at a reduced scale for ``target``
+    (height, width): when it is at least DRAFT_HEADROOM * 2 times the target both ways."""
+    return min(width // (DRAFT_HEADROOM * target[1]), height // (DRAFT_HEADROOM * target[0])) >= 2
+
+
 def decode_pixels(data: bytes, plan: FastResize):
     """(uint8 RGB pixels as a CHW tensor, the image's (height, width)), or None for the exact path.
 
-    JPEGs are decoded by libjpeg-turbo through torchvision into a tensor (no PIL image,
-    no copy; about 0.23 core-ms for a 256 px JPEG where PIL takes 0.38), except that a
-    JPEG at least four times the resized size is decoded by PIL at 1/2, 1/4 or 1/8 scale
+    An 8-bit RGB or greyscale JPEG is decoded by libjpeg-turbo through torchvision into a
+    tensor (no PIL image, no copy; about 0.23 core-ms for a 256 px JPEG where PIL takes
+    0.38), unless it is large enough for PIL to decode it at 1/2, 1/4 or 1/8 scale
     (decode_for_resize).  Both decoders give the same pixels; what torchvision cannot
-    read goes to PIL, which reads it or says what is wrong with it.
+    read goes to PIL, which reads it or says what is wrong with it.  Other formats go
+    to PIL; modes other than RGB and greyscale to the exact path.
     """
     import torch
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:  # the header only, until the pixels are asked for
+    header = jpeg_header(data)
+    if header is not None:
+        height, width, components, bits = header
+        if components in (1, 3) and bits == 8 and not drafts(width, height, plan.resized(width, height)):
+            pixels = _decode_jpeg(data)
+            if pixels is not None:
+                return pixels, (height, width)
+    with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("RGB", "L"):
             return None
         width, height = image.size
         if image.format == "JPEG":
             target = plan.resized(width, height)
             image.draft(image.mode, (DRAFT_HEADROOM * target[1], DRAFT_HEADROOM * target[0]))
-            if image.size == (width, height):  # no DCT scaling applies
-                pixels = _decode_jpeg(data)
-                if pixels is not None:
-                    return pixels, (height, width)
         if image.mode != "RGB":
             image = image.convert("RGB")
         return torch.from_numpy(np.array(image)).permute(2, 0, 1), (height, width)

@@ -190,7 +190,7 @@ def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> D
     measure("decode_images_per_s", len(sample), lambda: list(pool.map(decode, sample)))
     h, w = loaded.image_size
     out = np.empty((len(sample), h, w, 3), np.uint8)
-    if loaded.fast is not None and not loaded.device_decode:  # the fast path on a CPU, step by step
+    if loaded.fast is not None and loaded.host_input:  # the fast path on a CPU, step by step
         from paircurate.transforms.clip_model import decode_pixels, resize_image
 
         measure("fast_decode_images_per_s", len(sample),
@@ -204,6 +204,11 @@ def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> D
                                       range(len(sample)))))
     elif loaded.fast is not None:
         measure("prepare_images_per_s", len(sample), lambda: list(pool.map(loaded._decode_fast, sample)))
+    elif loaded.host_input:  # the exact path on a CPU: PIL steps, then normalised on the threads
+        ready = loaded._buffer(len(sample)).numpy()
+        measure("prepare_images_per_s", len(sample),
+                lambda: list(pool.map(lambda i: loaded._prepare_exact_into(ready, i, sample[i]),
+                                      range(len(sample)))))
     elif loaded.pil_steps is not None:
         measure("prepare_images_per_s", len(sample),
                 lambda: list(pool.map(lambda i: loaded._prepare_into(out, i, sample[i]), range(len(sample)))))

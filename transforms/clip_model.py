@@ -9,16 +9,19 @@ Two image paths (clip.preprocess):
 
 * exact: open_clip's own image transform.  The PIL steps of the model's
   ``preprocess_val`` (resize, crop, RGB) run on CPU threads, and the remaining
-  ToTensor + Normalize (x / 255, then (x - mean) / std) run on the model's
-  device on uint8 batches, which is the same arithmetic on 4x fewer bytes to
-  move.  Scores match open_clip's within 1e-4.
+  ToTensor + Normalize (x / 255, then (x - mean) / std, as one affine) run on
+  the same threads on a CPU, or on a GPU on uint8 batches (4x fewer bytes to
+  move).  Scores match open_clip's within 1e-4.
 * fast: the same geometry (torchvision's resize arithmetic, centre crop) with
   less CPU per image.  On a GPU, JPEGs are decoded there in batches (nvJPEG
-  through torchvision).  On a CPU, threads only decode, letting libjpeg scale
-  a JPEG down in the DCT domain (PIL draft mode) when it is at least four
-  times the size the model needs.  The antialiased resize (PIL's filter, in
-  torch) runs in batches of equal-sized images on the model's device.  Images
-  that are neither RGB nor greyscale take the exact path.
+  through torchvision) and resized there, in batches of equal-sized images.
+  On a CPU, each preprocess thread takes an image all the way: decode
+  (libjpeg-turbo through torchvision into a tensor, or PIL scaling a JPEG down
+  in the DCT domain when it is at least four times the size the model needs),
+  the antialiased resize in uint8 (PIL's filter, in torch), and ToTensor +
+  Normalize as one affine written straight into the batch's model input,
+  while the image is still in the thread's cache.  Images that are neither
+  RGB nor greyscale take the exact path.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ class ClipConfig:
     # Threads that decode and resize images for the model (0: one per CPU core).
     preprocess_threads: int = setting(0, NON_NEGATIVE)  # 0: one per CPU core
     # exact: open_clip's own PIL transform (scores match open_clip within 1e-4) |
-    # fast: JPEG draft decoding and a batched resize on the model's device (measured
+    # fast: libjpeg-turbo / nvJPEG decoding and torch's antialiased resize (measured
     # score difference at most 0.01; README "CLIP scoring and filtering").
     preprocess: str = "fast"
     # Where open_clip / Hugging Face weights are looked up (None: their default caches).
@@ -564,7 +567,9 @@ def decode_pixels(data: bytes, plan: FastResize):
             image.draft(image.mode, (DRAFT_HEADROOM * target[1], DRAFT_HEADROOM * target[0]))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1), (height, width)
+        # One copy of the decoded bytes (np.array(image) packs them twice: 45 us a 128 px image).
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.view(image.height, image.width, 3).permute(2, 0, 1), (height, width)
 
 
 def _decode_jpeg(data: bytes):
@@ -715,15 +720,18 @@ class LoadedClip:
         if config.preprocess == "fast" and self.fast is None:
             _LOG.warning("clip.preprocess=fast cannot reproduce %s's image transform (%s); using the "
                          "exact path", r.name, model.visual.preprocess_cfg)
-        if self.fast is not None:
+        if split:  # ToTensor + Normalize as one affine: x * scale + shift
             self.fast_scale = 1.0 / (255.0 * self.std)
             self.fast_shift = -self.mean / self.std
-            # The same affine for images normalised on the preprocess threads (CPU).
             self.host_scale = self.fast_scale.cpu().numpy().reshape(-1, 1, 1)
             self.host_shift = self.fast_shift.cpu().numpy().reshape(-1, 1, 1)
         # On a GPU the fast path decodes JPEGs there too (nvJPEG through torchvision), in
         # batches: a few hundredths of a core-ms per image instead of a quarter or more.
         self.device_decode = self.fast is not None and self.device.startswith("cuda")
+        # On a CPU the preprocess threads write the model input itself (float32 NCHW), each
+        # image normalised while it is in the thread's cache; for a GPU they prepare uint8
+        # pixels, which cross to the device in a quarter of the bytes and are normalised there.
+        self.host_input = self.device == "cpu" and split is not None
         self.threads = config.preprocess_threads or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess")
         self._local = threading.local()
@@ -768,22 +776,24 @@ class LoadedClip:
         except Exception as exc:  # one bad image must not fail its batch
             return "error", f"{type(exc).__name__}: {exc}"[:200]
 
+    def _prepare_exact_into(self, out: np.ndarray, i: int, data: bytes) -> Optional[str]:
+        """The exact path on a CPU: the model's PIL steps, then ToTensor + Normalize into ``out[i]``."""
+        import torch
+
+        ready = np.empty((1, *self.image_size, 3), np.uint8)
+        error = self._prepare_into(ready, 0, data)
+        if error is None:
+            normalise_into(out[i], torch.from_numpy(ready[0]).permute(2, 0, 1), self.host_scale, self.host_shift)
+        return error
+
     def _prepare_fast_into(self, out: np.ndarray, i: int, data: bytes) -> Optional[str]:
         """The fast path on a CPU: decode, resize and normalise one image into ``out[i]``
         (float32 CHW), all on one preprocess thread while the image is in its cache."""
-        import torch
-
         try:
             decoded = decode_pixels(data, self.fast)
             if decoded is None:  # neither RGB nor greyscale: the model's own PIL steps
-                ready = np.empty((1, *self.image_size, 3), np.uint8)
-                error = self._prepare_into(ready, 0, data)
-                if error:
-                    return error
-                pixels = torch.from_numpy(ready[0]).permute(2, 0, 1)
-            else:
-                pixels = resize_image(*decoded, self.fast)
-            normalise_into(out[i], pixels, self.host_scale, self.host_shift)
+                return self._prepare_exact_into(out, i, data)
+            normalise_into(out[i], resize_image(*decoded, self.fast), self.host_scale, self.host_shift)
             return None
         except Exception as exc:  # one bad image must not fail its batch
             return f"{type(exc).__name__}: {exc}"[:200]
@@ -853,12 +863,11 @@ class LoadedClip:
 
     def _buffer(self, n: int):
         """A (reused, pinned on CUDA) host buffer for n prepared images: uint8 NHWC for the
-        exact path's PIL steps, float32 NCHW model input for the fast path on a CPU and for
-        transforms that cannot be split."""
+        exact path's PIL steps on a GPU, else float32 NCHW model input."""
         import torch
 
         h, w = self.image_size
-        uint8 = self.pil_steps is not None and self.fast is None
+        uint8 = self.pil_steps is not None and not self.host_input
         shape = (n, h, w, 3) if uint8 else (n, 3, h, w)
         dtype = torch.uint8 if uint8 else torch.float32
         cached = getattr(self._local, "buffer", None)
@@ -896,11 +905,11 @@ class LoadedClip:
         per_run = max(1, min(16, n // (4 * self.threads)))  # a few runs per thread keep them balanced
         if self.device_decode:  # only what the device cannot decode comes back to the CPU
             futures = _OnDemand(self._decode_fast, images)
-        elif self.fast is not None:  # on a CPU: the threads write the model input itself
+        elif self.host_input:  # on a CPU: the threads write the model input itself
             host = self._buffer(n)
             host_np = host.numpy()
-            futures = _RunResults(self.pool, lambda i, data: self._prepare_fast_into(host_np, i, data),
-                                  images, per_run)
+            prepare = self._prepare_fast_into if self.fast is not None else self._prepare_exact_into
+            futures = _RunResults(self.pool, lambda i, data: prepare(host_np, i, data), images, per_run)
         else:
             host = self._buffer(n)
             host_np = host.numpy()
@@ -923,7 +932,7 @@ class LoadedClip:
                 if self.device_decode:
                     x = self._fast_chunk(futures, start, end, errors, self._decode_on_device(images, start, end))
                     t2 = time.perf_counter()
-                elif self.fast is not None:
+                elif self.host_input:
                     for i in range(start, end):
                         errors[i] = futures[i]
                     t2 = time.perf_counter()

@@ -446,12 +446,17 @@ def test_exact_path_matches_open_clip_on_varied_images():
     assert max(diffs) < 1e-4
 
 
-def test_fast_path_scores_within_bound_of_exact():
+@pytest.mark.parametrize("per_image", [False, True])
+def test_fast_path_scores_within_bound_of_exact(per_image, monkeypatch):
+    """Both CPU variants: batched resize (small inputs such as tiny's) and per-image preparation."""
+    if per_image:
+        monkeypatch.setattr(clip_model, "PER_IMAGE_MIN_PIXELS", 64 * 64)
     pairs = varied_images()
     images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
     exact = clip_model.load_clip(tiny_config(preprocess="exact"))
     fast = clip_model.load_clip(tiny_config(preprocess="fast"))
     assert exact.fast is None and fast.fast == clip_model.FastResize("shortest", (64, 64), "bicubic")
+    assert fast.host_input == per_image and exact.host_input
     a = exact.score(images, captions)
     b = fast.score(images, captions)
     assert all(e is None for e in b.errors)
@@ -462,7 +467,10 @@ def test_fast_path_scores_within_bound_of_exact():
     assert diff[-2:].max() < 1e-6
 
 
-def test_fast_path_in_the_stage_marks_undecodable_and_scores_the_rest():
+@pytest.mark.parametrize("per_image", [False, True])
+def test_fast_path_in_the_stage_marks_undecodable_and_scores_the_rest(per_image, monkeypatch):
+    if per_image:
+        monkeypatch.setattr(clip_model, "PER_IMAGE_MIN_PIXELS", 64 * 64)
     records = make_records(9, seed=8)
     records[4]["image"] = b"\xff\xd8\xff not really a jpeg"
     exact = run_stage(records, tiny_config(batch_size=4))

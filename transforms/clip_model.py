@@ -436,6 +436,10 @@ def split_transform(preprocess) -> Optional[Tuple[Callable, Tuple[float, ...], T
 PREPROCESS_MODES = ("exact", "fast")
 #: The fast path decodes a JPEG no smaller than this many times the size it is resized to.
 DRAFT_HEADROOM = 2
+#: On a CPU, the fast path prepares each image on its thread up to the normalised model input
+#: (per-image Python steps, no float pass over the batch) for model inputs of at least this many
+#: pixels; smaller ones (paircurate-tiny's 64 px) cost less resized and normalised per batch.
+PER_IMAGE_MIN_PIXELS = 96 * 96
 
 
 @dataclasses.dataclass(frozen=True)
@@ -731,7 +735,8 @@ class LoadedClip:
         # On a CPU the preprocess threads write the model input itself (float32 NCHW), each
         # image normalised while it is in the thread's cache; for a GPU they prepare uint8
         # pixels, which cross to the device in a quarter of the bytes and are normalised there.
-        self.host_input = self.device == "cpu" and split is not None
+        self.host_input = (self.device == "cpu" and split is not None
+                           and (self.fast is None or self.fast.size[0] * self.fast.size[1] >= PER_IMAGE_MIN_PIXELS))
         self.threads = config.preprocess_threads or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess")
         self._local = threading.local()
@@ -910,6 +915,8 @@ class LoadedClip:
             host_np = host.numpy()
             prepare = self._prepare_fast_into if self.fast is not None else self._prepare_exact_into
             futures = _RunResults(self.pool, lambda i, data: prepare(host_np, i, data), images, per_run)
+        elif self.fast is not None:  # small inputs on a CPU: the threads decode, this one resizes
+            futures = _RunResults(self.pool, lambda i, data: self._decode_fast(data), images, per_run)
         else:
             host = self._buffer(n)
             host_np = host.numpy()
@@ -929,8 +936,9 @@ class LoadedClip:
             for start in range(0, n, chunk):
                 end = min(n, start + chunk)
                 t = time.perf_counter()
-                if self.device_decode:
-                    x = self._fast_chunk(futures, start, end, errors, self._decode_on_device(images, start, end))
+                if self.device_decode or (self.fast is not None and not self.host_input):
+                    on_device = self._decode_on_device(images, start, end) if self.device_decode else None
+                    x = self._fast_chunk(futures, start, end, errors, on_device)
                     t2 = time.perf_counter()
                 elif self.host_input:
                     for i in range(start, end):

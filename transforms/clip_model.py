@@ -20,8 +20,10 @@ Two image paths (clip.preprocess):
   in the DCT domain when it is at least four times the size the model needs),
   the antialiased resize in uint8 (PIL's filter, in torch), and ToTensor +
   Normalize as one affine written straight into the batch's model input,
-  while the image is still in the thread's cache.  Images that are neither
-  RGB nor greyscale take the exact path.
+  while the image is still in the thread's cache (inputs under
+  PER_IMAGE_MIN_PIXELS are decoded on the threads and resized and normalised
+  per batch, which costs them less).  Images that are neither RGB nor
+  greyscale take the exact path.
 """
 from __future__ import annotations
 

@@ -25,6 +25,12 @@ def model_inputs(loaded, images):
     """The 0..255 model input (N, 3, H, W) the loaded model's path builds for ``images``."""
     import torch
 
+    if loaded.host_input:  # on a CPU the threads write the normalised model input
+        x = loaded._buffer(len(images))
+        prepare = loaded._prepare_fast_into if loaded.fast is not None else loaded._prepare_exact_into
+        for i, data in enumerate(images):
+            prepare(x.numpy(), i, data)
+        return (x * loaded.std + loaded.mean).mul_(255).cpu().numpy()
     if loaded.fast is not None:
         futures = [loaded._decode_fast(data) for data in images]
         errors = [None] * len(images)

@@ -446,12 +446,17 @@ def test_exact_path_matches_open_clip_on_varied_images():
     assert max(diffs) < 1e-4
 
 
-def test_fast_path_scores_within_bound_of_exact():
+@pytest.mark.parametrize("per_image", [False, True])
+def test_fast_path_scores_within_bound_of_exact(per_image, monkeypatch):
+    """Both CPU variants: batched resize (small inputs such as tiny's) and per-image preparation."""
+    if per_image:
+        monkeypatch.setattr(clip_model, "PER_IMAGE_MIN_PIXELS", 64 * 64)
     pairs = varied_images()
     images, captions = [p[0] for p in pairs], [p[1] for p in pairs]
     exact = clip_model.load_clip(tiny_config(preprocess="exact"))
     fast = clip_model.load_clip(tiny_config(preprocess="fast"))
     assert exact.fast is None and fast.fast == clip_model.FastResize("shortest", (64, 64), "bicubic")
+    assert fast.host_input == per_image and exact.host_input
     a = exact.score(images, captions)
     b = fast.score(images, captions)
     assert all(e is None for e in b.errors)
@@ -462,7 +467,10 @@ def test_fast_path_scores_within_bound_of_exact():
     assert diff[-2:].max() < 1e-6
 
 
-def test_fast_path_in_the_stage_marks_undecodable_and_scores_the_rest():
+@pytest.mark.parametrize("per_image", [False, True])
+def test_fast_path_in_the_stage_marks_undecodable_and_scores_the_rest(per_image, monkeypatch):
+    if per_image:
+        monkeypatch.setattr(clip_model, "PER_IMAGE_MIN_PIXELS", 64 * 64)
     records = make_records(9, seed=8)
     records[4]["image"] = b"\xff\xd8\xff not really a jpeg"
     exact = run_stage(records, tiny_config(batch_size=4))
@@ -495,6 +503,84 @@ def test_fast_plan_only_for_transforms_it_reproduces():
     assert clip_model.fast_resize_of({"size": 224, "interpolation": "random"}) is None
     with pytest.raises(ClipModelError, match="clip.preprocess must be one of exact, fast"):
         clip_model.load_clip(tiny_config(preprocess="quick"))
+
+
+def pil_pixels(data: bytes, draft=None) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        if draft:
+            image.draft(image.mode, draft)
+        return np.array(image.convert("RGB"))
+
+
+def test_fast_decode_gives_pils_pixels_and_leaves_odd_modes_to_the_exact_path():
+    plan = clip_model.FastResize("shortest", (64, 64), "bicubic")
+    image, _ = synthetic_image(31, size=(256, 180))
+    for data in (encode(image), encode(image.convert("L")), encode(image, "PNG"),
+                 encode(synthetic_image(32, size=(256, 256))[0], quality=95)):
+        pixels, original = clip_model.decode_pixels(data, clip_model.FastResize("shortest", (224, 224), "bicubic"))
+        expected = pil_pixels(data)
+        assert original == expected.shape[:2] and pixels.dtype == torch.uint8
+        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), expected)  # torchvision's libjpeg-turbo = PIL's
+    # A JPEG at least four times the size the model needs: decoded at a reduced scale, as PIL drafts it.
+    large = encode(synthetic_image(33, size=(1100, 900))[0])
+    pixels, original = clip_model.decode_pixels(large, plan)
+    assert original == (900, 1100) and tuple(pixels.shape) == (3, 225, 275)
+    assert np.array_equal(pixels.permute(1, 2, 0).numpy(), pil_pixels(large, draft=(2 * 78, 2 * 64)))
+    assert clip_model.decode_pixels(encode(image.convert("CMYK")), plan) is None
+    assert clip_model.decode_pixels(encode(image.convert("P"), "PNG"), plan) is None
+
+
+def test_jpeg_header_reads_what_pil_reads():
+    image, _ = synthetic_image(35, size=(300, 170))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: an APP1 segment before the frame header
+    cases = {"RGB": encode(image), "L": encode(image.convert("L")), "CMYK": encode(image.convert("CMYK"))}
+    for name, kw in (("progressive", {"progressive": True}), ("exif", {"exif": exif.tobytes()}),
+                     ("icc", {"icc_profile": b"\0" * 5000})):
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80, **kw)
+        cases[name] = buffer.getvalue()
+    for name, data in cases.items():
+        with Image.open(io.BytesIO(data)) as reference:
+            components = {"L": 1, "RGB": 3, "CMYK": 4}[reference.mode]
+            assert clip_model.jpeg_header(data) == (reference.height, reference.width, components, 8), name
+    assert clip_model.jpeg_header(encode(image, "PNG")) is None
+    assert clip_model.jpeg_header(b"\xff\xd8\xff not really a jpeg") is None
+    assert clip_model.jpeg_header(cases["exif"][:40]) is None  # cut before the frame header
+
+
+@pytest.mark.parametrize("width,height", [(256, 256), (255, 255), (300, 200), (1100, 900), (511, 2000),
+                                          (512, 512), (4000, 300), (4000, 250)])
+def test_drafts_agrees_with_pil(width, height):
+    plan = clip_model.FastResize("shortest", (64, 64), "bicubic")
+    with Image.open(io.BytesIO(encode(Image.new("RGB", (width, height))))) as image:
+        target = plan.resized(width, height)
+        image.draft("RGB", (clip_model.DRAFT_HEADROOM * target[1], clip_model.DRAFT_HEADROOM * target[0]))
+        assert clip_model.drafts(width, height, target) == (image.size != (width, height))
+
+
+def test_fast_path_on_cpu_names_what_is_wrong_with_a_truncated_jpeg():
+    loaded = clip_model.load_clip(tiny_config(preprocess="fast"))
+    data = encode(synthetic_image(34, size=(256, 256))[0])
+    out = np.zeros((2, 3, 64, 64), np.float32)
+    assert loaded._prepare_fast_into(out, 0, data) is None and np.abs(out[0]).max() > 0
+    error = loaded._prepare_fast_into(out, 1, data[: len(data) // 2])  # torchvision refuses; PIL says why
+    assert error and "truncated" in error
+
+
+def test_normalise_into_is_totensor_then_normalize():
+    from torchvision.transforms import Normalize, ToTensor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    scale = (1.0 / (255.0 * np.array(std, np.float32))).reshape(3, 1, 1)
+    shift = (-np.array(mean, np.float32) / np.array(std, np.float32)).reshape(3, 1, 1)
+    hwc = np.random.default_rng(5).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = Normalize(mean, std)(ToTensor()(hwc)).numpy()
+    for pixels in (torch.from_numpy(hwc).permute(2, 0, 1),  # HWC in memory, as the decoders give it
+                   torch.from_numpy(hwc).permute(2, 0, 1).contiguous()[:, 2:, 3:]):  # a cropped view
+        out = np.full((3, *pixels.shape[1:]), np.nan, np.float32)
+        clip_model.normalise_into(out, pixels, scale, shift)
+        assert np.abs(out - expected[:, -pixels.shape[1]:, -pixels.shape[2]:]).max() < 1e-5
 
 
 def test_fast_path_batch_decode_scores_within_bound_and_falls_back():

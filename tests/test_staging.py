@@ -231,3 +231,17 @@ def test_shard_from_slim_records_matches_whole_records_and_reads_each_blob_once(
     assert (tmp_path / "b" / "00000.tar").read_bytes() == (tmp_path / "a" / "00000.tar").read_bytes()
     assert entry["samples"] == 7 and sorted(reads) == sorted(r["image_ref"] for r in slim)
     assert all(set(r) == set(DECIDED_FIELDS) for r in slim)  # the callers' records stay slim
+
+
+def test_decided_only_records_pack_short_and_unpack_as_before():
+    """A slim record packs its decided fields alone; unpacked, it is the dict the full packing gave."""
+    from paircurate.transforms.schema import _PACKED_FIELDS, _RECORD_CODER, pack_record, unpack_record
+
+    slim = decided_only(dict(staged_record(3), image_ref="seg:0:10:20:ff", status="ok", key="k"))
+    full_packing = _RECORD_CODER.encode(tuple(slim.get(name) for name in _PACKED_FIELDS))
+    assert len(pack_record(slim)) <= len(full_packing) - len(_PACKED_FIELDS) + len(DECIDED_FIELDS)
+    unpacked = unpack_record(pack_record(slim))
+    assert unpacked == unpack_record(full_packing)
+    assert list(unpacked) == list(_PACKED_FIELDS)  # same keys, same order
+    whole = staged_record(4)  # any other field set: the full layout, every field back
+    assert unpack_record(pack_record(whole)) == {name: whole.get(name) for name in _PACKED_FIELDS}

@@ -61,19 +61,23 @@ def caption(index: int) -> str:
 class GeneratedRoutes(dict):
     """Routes made on request: /img/N.jpg is image N."""
 
+    def __init__(self, size=(640, 480)):
+        super().__init__()
+        self._size = size
+
     def get(self, path, default=None):
         from paircurate.imageserver import Route
 
         if path.startswith("/img/") and path.endswith(".jpg"):
-            return Route(generated_jpeg(int(path[5:-4])))
+            return Route(generated_jpeg(int(path[5:-4]), *self._size))
         return default
 
 
-def serve(port_queue, stop_event) -> None:
+def serve(port_queue, stop_event, size=(640, 480)) -> None:
     from paircurate.imageserver import ImageServer
 
     with ImageServer() as server:
-        server.use_routes(GeneratedRoutes())  # images made on request
+        server.use_routes(GeneratedRoutes(size))  # images made on request
         port_queue.put(server.host_port)
         stop_event.wait()
 

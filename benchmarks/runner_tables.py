@@ -4,17 +4,21 @@
 
 Runs `paircurate run --no-clip` in this process (memory_scale.py's input and
 loopback server) and, after each stage the FnApiRunner executes, prints the
-process's resident memory, Python's allocated blocks, and every buffer that
+process's resident memory (and its peak during the stage: VmHWM, reset
+before each), Python's allocated blocks, and every buffer that
 waits for a consuming stage: encoded lists (their bytes) and grouping tables
 (keys, values, and an estimate of their decoded size from a sample of 200).
 It reads the FnApiRunner's private structures (Beam 2.77): a measuring tool,
-not part of the pipeline.
+not part of the pipeline.  --image-size 160x120 makes the fetch stage quicker
+(the tables and the stages after it do not depend on the images' size);
+--trace adds tracemalloc's figures (slow: minutes for a few thousand rows).
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,12 +30,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory_scale  # noqa: E402  (the same input and server)
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS), or its peak since the last reset_peak() (VmHWM)."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def reset_peak() -> None:
+    """Start VmHWM again from the current resident memory (Linux 4.0+: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: the peak is then the process's
+        pass
 
 
 def deep_size(value, seen=None, depth=0) -> int:
@@ -70,10 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc: Python's traced memory per stage, and where the stages that "
+                             "grow it allocated (slow)")
+    parser.add_argument("--image-size", default="640x480",
+                        help="WIDTHxHEIGHT of the generated images (smaller: a quicker fetch stage)")
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
     ports, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=memory_scale.serve, args=(ports, stop), daemon=True)
+    size = tuple(int(n) for n in args.image_size.split("x"))
+    server = ctx.Process(target=memory_scale.serve, args=(ports, stop, size), daemon=True)
     server.start()
     host_port = ports.get(timeout=60)
     workdir = tempfile.mkdtemp(prefix="runner-tables-")
@@ -86,12 +106,28 @@ def main() -> None:
 
     execute = fn_runner.FnApiRunner._execute_bundle
     started = time.time()
+    if args.trace:
+        import tracemalloc
+        tracemalloc.start(8)
+        last = [tracemalloc.take_snapshot(), 0]  # the last snapshot, and the traced memory then
 
     def logged(self, context, bundle_context, bundle_input):
         before = rss_mib()
+        reset_peak()
         result = execute(self, context, bundle_context, bundle_input)
-        print(f"[{time.time() - started:6.0f}s] RSS {before:6.0f} -> {rss_mib():6.0f} MiB, "
+        print(f"[{time.time() - started:6.0f}s] RSS {before:6.0f} -> {rss_mib():6.0f} MiB "
+              f"(peak {rss_mib('VmHWM'):6.0f}), "
               f"{sys.getallocatedblocks() / 1e6:.2f}M blocks: {bundle_context.stage.name[:100]}", flush=True)
+        if args.trace:
+            current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            print(f"      traced {current / 2**20:.1f} MiB (peak in the stage {peak / 2**20:.1f})", flush=True)
+            if abs(current - last[1]) > 3 * 2**20:
+                snapshot = tracemalloc.take_snapshot()
+                for stat in snapshot.compare_to(last[0], "traceback")[:8]:
+                    where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in stat.traceback[:5])
+                    print(f"        {stat.size_diff / 2**20:+7.2f} MiB {stat.count_diff:+8d} blocks: {where}")
+                last[:] = [snapshot, current]
         for (stage, _), data_input in list(context.queues.watermark_pending_inputs._q):
             for buffer in data_input.data.values():
                 description = describe(buffer)
@@ -113,6 +149,7 @@ def main() -> None:
     finally:
         stop.set()
         server.join(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

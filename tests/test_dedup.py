@@ -32,6 +32,7 @@ from paircurate.transforms.phash import (
     information,
     key_masks,
     near_pairs,
+    partitioned_entries,
     perceptual_hash,
     rank,
 )
@@ -185,6 +186,22 @@ def test_partitioned_buckets_equal_one_process():
     single, _ = near_pairs(hashes, K)
     assert len(found) == len(set(found)) == single.shape[0]
     assert set(found) == set(map(tuple, single.tolist()))
+
+
+@pytest.mark.parametrize("partitions", [1, 37, 4096, 70000])
+def test_partitioned_entries_are_a_stable_sort_of_the_bucket_entries(partitions):
+    """The counting sort one key at a time gives the bytes a stable sort of all entries gave."""
+    hashes = np.array(adversarial_hashes(3000, K, seed=11), dtype=np.uint64)
+    masks = key_masks(64, default_blocks(K), K)
+    keys, tiled, masked = bucket_entries(hashes, masks)
+    part = bucket_partition(keys, masked, partitions)
+    order = np.argsort(part, kind="stable")
+    part, keys, tiled = part[order], keys[order], tiled[order]
+    cuts = np.flatnonzero(np.diff(part)) + 1
+    expected = [(int(part[a]), keys[a:b].tobytes(), tiled[a:b].tobytes())
+                for a, b in zip(np.r_[0, cuts], np.r_[cuts, part.size])]
+    assert list(partitioned_entries(hashes, masks, partitions)) == expected
+    assert list(partitioned_entries(np.array([], dtype=np.uint64), masks, partitions)) == []
 
 
 def test_hot_bucket_is_bounded_and_counted():

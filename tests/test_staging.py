@@ -207,3 +207,41 @@ def test_shard_writer_hands_staged_records_on_slim(tmp_path):
                       | WriteShards(str(tmp_path / "shards"), 10, ["lang"], str(staging)))
         assert_that(written, check)
     assert sorted(os.listdir(tmp_path / "shards")) == ["00000.tar", "00001.tar"]
+
+
+def test_shard_from_slim_records_matches_whole_records_and_reads_each_blob_once(tmp_path):
+    """write_shard makes slim records whole one at a time (a shard's details are never all in memory)."""
+    from paircurate.transforms.write import write_shard
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    writer = SegmentWriter(str(staging), 10, 1 << 20)
+    originals = [staged_record(i) for i in range(7)]
+    slim = [decided_only(writer.stage(dict(r))) for r in originals]
+    writer.close()
+    for record in slim + originals:
+        record["key"], record["shard"] = record["uid"], "00000"
+    whole = [dict(r, image_ref=None) for r in originals]  # carried bytes, no staging
+    write_shard(str(tmp_path / "a"), 0, whole, ["lang"])
+    reader = StagedReader(str(staging))
+    reads = []
+    read = reader.read
+    reader.read = lambda ref: reads.append(ref) or read(ref)
+    entry = write_shard(str(tmp_path / "b"), 0, slim, ["lang"], reader)
+    assert (tmp_path / "b" / "00000.tar").read_bytes() == (tmp_path / "a" / "00000.tar").read_bytes()
+    assert entry["samples"] == 7 and sorted(reads) == sorted(r["image_ref"] for r in slim)
+    assert all(set(r) == set(DECIDED_FIELDS) for r in slim)  # the callers' records stay slim
+
+
+def test_decided_only_records_pack_short_and_unpack_as_before():
+    """A slim record packs its decided fields alone; unpacked, it is the dict the full packing gave."""
+    from paircurate.transforms.schema import _PACKED_FIELDS, _RECORD_CODER, pack_record, unpack_record
+
+    slim = decided_only(dict(staged_record(3), image_ref="seg:0:10:20:ff", status="ok", key="k"))
+    full_packing = _RECORD_CODER.encode(tuple(slim.get(name) for name in _PACKED_FIELDS))
+    assert len(pack_record(slim)) <= len(full_packing) - len(_PACKED_FIELDS) + len(DECIDED_FIELDS)
+    unpacked = unpack_record(pack_record(slim))
+    assert unpacked == unpack_record(full_packing)
+    assert list(unpacked) == list(_PACKED_FIELDS)  # same keys, same order
+    whole = staged_record(4)  # any other field set: the full layout, every field back
+    assert unpack_record(pack_record(whole)) == {name: whole.get(name) for name in _PACKED_FIELDS}

@@ -99,3 +99,16 @@ def test_write_shards_in_beam(tmp_path):
         assert sample["jpg"] == record["image"]
         meta = json.loads(sample["json"])
         assert meta["url"] == record["url"] and meta["lang"] == "en"
+
+
+def test_shard_members_cross_without_key_and_shard():
+    """The shard grouping carries neither key nor shard (implied by uid and the grouping key)."""
+    from paircurate.transforms.schema import pack_record
+    from paircurate.transforms.write import shard_member, unshard_member
+
+    record = {"uid": "ab" * 16, "status": "ok", "error": None, "duplicate_of": None, "clip_score": 0.5,
+              "key": "ab" * 16, "shard": "00007", "image_ref": "s:0:10:20:ff", "clip_columns": None}
+    packed = shard_member(record)
+    again = unshard_member(7, packed)
+    assert {name: again[name] for name in record} == record
+    assert len(packed) <= len(pack_record(record)) - 38

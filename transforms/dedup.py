@@ -72,14 +72,13 @@ from paircurate.transforms.phash import (
     MIRRORED,
     SMOOTH,
     Rank,
-    bucket_entries,
     bucket_pairs,
-    bucket_partition,
     default_blocks,
     hamming,
     hash_hex,
     hash_int,
     key_masks,
+    partitioned_entries,
     rank,
     signature,
     split_entries,
@@ -146,8 +145,10 @@ class DedupConfig:
     # the shuffle carries numpy arrays, not one element per key).  Per partition in
     # memory: items * keys / partitions entries of 9 bytes; raise it beyond ~1e9 items.
     partitions: int = setting(4096, AT_LEAST_ONE)
-    # Distinct hashes per worker batch when the bucket keys are computed.
-    key_batch: int = setting(65536, AT_LEAST_ONE)
+    # Distinct hashes per worker batch when the bucket keys are computed.  A batch holds
+    # about 1 KB a hash while its keys are sorted into partitions (phash.partitioned_entries);
+    # each batch adds up to one shuffle element per partition (a dozen bytes of framing).
+    key_batch: int = setting(16384, AT_LEAST_ONE)
     # Rounds of min-label propagation over near-duplicate pairs; clusters of diameter
     # up to this are exact (metric dedup/unconverged_nodes counts the rest).
     cluster_rounds: int = setting(8, AT_LEAST_ONE)
@@ -519,15 +520,11 @@ class _KeyBatchFn(beam.DoFn):
     def _flush(self):
         if not self._buffer:
             return
-        keys, hashes, masked = bucket_entries(np.array(self._buffer, dtype=np.uint64), self._masks)
+        hashes = np.array(self._buffer, dtype=np.uint64)
         self._buffer = []
-        part = bucket_partition(keys, masked, self._partitions)
-        order = np.argsort(part, kind="stable")
-        part, keys, hashes = part[order], keys[order], hashes[order]
-        cuts = np.flatnonzero(np.diff(part)) + 1
         # Raw bytes, not arrays: the shuffle then carries 9 bytes per entry, not a pickle per element.
-        for start, stop in zip(np.r_[0, cuts], np.r_[cuts, part.size]):
-            yield int(part[start]), (keys[start:stop].tobytes(), hashes[start:stop].tobytes())
+        for part, keys, values in partitioned_entries(hashes, self._masks, self._partitions):
+            yield part, (keys, values)
 
     def process(self, phash):
         self._buffer.append(phash)

@@ -180,6 +180,11 @@ def mark(record: Dict[str, Any], status: Status, error: Optional[str] = None) ->
 
 #: Field order of a packed record (see pack_record).
 _PACKED_FIELDS = tuple(LEDGER_COLUMNS) + TRANSIENT_FIELDS
+#: Fields that stages after staging decide or set: all a staged record carries across the
+#: shuffles after dedup's (transforms/staging.py: its details are in its blob).
+DECIDED_FIELDS = ("uid", "status", "error", "duplicate_of", "clip_score", "key", "shard", "image_ref",
+                  "clip_columns")
+_UNDECIDED_FIELDS = tuple(name for name in _PACKED_FIELDS if name not in DECIDED_FIELDS)
 
 
 def _record_coder():
@@ -195,12 +200,22 @@ def pack_record(record: Mapping[str, Any]) -> bytes:
     alone are about a third fewer bytes.  And as one bytes object, a record
     waiting in a local runner's grouping table costs its encoded size plus a
     few dozen bytes, not a tuple of two dozen Python objects (several times more).
+    A record with only DECIDED_FIELDS set (a staged one after dedup) packs those
+    alone: two dozen fewer bytes than its None for every other field.
     """
+    if all(record.get(name) is None for name in _UNDECIDED_FIELDS):
+        return _RECORD_CODER.encode(tuple(record.get(name) for name in DECIDED_FIELDS))
     return _RECORD_CODER.encode(tuple(record.get(name) for name in _PACKED_FIELDS))
 
 
 def unpack_record(packed: bytes) -> Dict[str, Any]:
-    return dict(zip(_PACKED_FIELDS, _RECORD_CODER.decode(packed)))
+    """The record pack_record() packed: every packed field, in _PACKED_FIELDS order (None if unset)."""
+    values = _RECORD_CODER.decode(packed)
+    if len(values) == len(DECIDED_FIELDS):
+        record = dict.fromkeys(_PACKED_FIELDS)
+        record.update(zip(DECIDED_FIELDS, values))
+        return record
+    return dict(zip(_PACKED_FIELDS, values))
 
 
 _RECORD_CODER = _record_coder()

@@ -32,17 +32,16 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from paircurate.transforms.files import write_atomically
-from paircurate.transforms.schema import is_live
+from paircurate.transforms.schema import DECIDED_FIELDS, is_live
 
 #: The folder under the output root that holds staging (kept when an unfinished run is resumed).
 STAGING_DIR = "_staging"
 DATA_SUFFIX = ".bin"
 INDEX_SUFFIX = ".idx.jsonl"
-#: Fields that stages after staging decide or set: a slim record's own, newer than its blob's.
-DECIDED_FIELDS = ("uid", "status", "error", "duplicate_of", "clip_score", "key", "shard", "image_ref",
-                  "clip_columns")
 #: What a staged record keeps: the decided fields, and the dedup signature (read right after
 #: staging; dedup_slim drops it again before records cross dedup's join).
+#: (DECIDED_FIELDS, from schema: the fields stages after staging decide or set, a slim
+#: record's own, newer than its blob's.)
 SLIM_FIELDS = DECIDED_FIELDS + ("image_sha256", "phash", "low_information", "near_signature",
                                 "original_width", "original_height")
 #: Fields never staged: bytes, and the reference itself.

@@ -305,13 +305,14 @@ def test_few_cluster_rounds_keep_duplicate_of_chains_pointing_to_a_kept_image():
             assert seen < len(values)
 
 
-def test_beam_matches_brute_force_clusters():
+@pytest.mark.parametrize("key_batch", [16384, 7])  # one batch a bundle, and many
+def test_beam_matches_brute_force_clusters(key_batch):
     """On ~1,500 slim records, the transform's decisions equal union-find over brute-force pairs."""
     rng = random.Random(5)
     hashes = adversarial_hashes(1000, K, seed=11)[:1500]
     records = [slim(f"u{i:05d}", h, sha=f"s{rng.randrange(1400)}", pixels=rng.randint(1, 50))
                for i, h in enumerate(hashes)]
-    by_uid, out = run(records)
+    by_uid, out = run(records, DedupConfig(max_distance=K, key_batch=key_batch))
     assert len(out) == len(records)
     # Expected: exact groups by sha, then components over survivors' hashes.
     ranks = {r["uid"]: rank(r["uid"], r["original_width"], r["original_height"]) for r in records}

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Union
+from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
 
 _LOG = logging.getLogger(__name__)
 
@@ -162,6 +163,33 @@ class ConcurrentRecordFn(beam.DoFn):
 
 
 # --- shuffle volume ---------------------------------------------------------------------------
+
+class BatchedFn(beam.DoFn):
+    """A DoFn over batches: a bundle's elements are gathered ``batch`` at a time (the rest at
+    the bundle's end) and handed to ``emit_batch``, whose outputs are the DoFn's."""
+
+    def __init__(self, batch: int):
+        self._batch = batch
+
+    def emit_batch(self, batch: List[Any]) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def start_bundle(self):
+        self._buffer: List[Any] = []
+
+    def _flush(self) -> Iterable[Any]:
+        batch, self._buffer = self._buffer, []
+        return self.emit_batch(batch) if batch else ()
+
+    def process(self, element):
+        self._buffer.append(element)
+        if len(self._buffer) >= self._batch:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield GlobalWindows.windowed_value(output)
+
 
 #: Beam metrics namespace of the shuffle meter (stats.json: shuffle_bytes).
 SHUFFLE_NAMESPACE = "shuffle"

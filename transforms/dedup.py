@@ -64,9 +64,8 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
-from paircurate.transforms.beam_util import metered_cogroup, metered_group
+from paircurate.transforms.beam_util import BatchedFn, metered_cogroup, metered_group
 from paircurate.transforms.phash import (
     LOW_CONTRAST,
     MIRRORED,
@@ -508,32 +507,19 @@ class _ExactFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput("decisions", decision)
 
 
-class _KeyBatchFn(beam.DoFn):
+class _KeyBatchFn(BatchedFn):
     """Distinct hashes -> (partition, (key indices, hashes)) arrays, one element per partition and batch."""
 
     def __init__(self, masks: np.ndarray, partitions: int, batch: int):
-        self._masks, self._partitions, self._batch = masks, partitions, batch
+        super().__init__(batch)
+        self._masks, self._partitions = masks, partitions
 
-    def start_bundle(self):
-        self._buffer: List[int] = []
-
-    def _flush(self):
-        if not self._buffer:
-            return
-        hashes = np.array(self._buffer, dtype=np.uint64)
-        self._buffer = []
+    def emit_batch(self, phashes: List[int]):
+        hashes = np.array(phashes, dtype=np.uint64)
+        del phashes  # the Python ints: the array is all that is needed from here
         # Raw bytes, not arrays: the shuffle then carries 9 bytes per entry, not a pickle per element.
         for part, keys, values in partitioned_entries(hashes, self._masks, self._partitions):
             yield part, (keys, values)
-
-    def process(self, phash):
-        self._buffer.append(phash)
-        if len(self._buffer) >= self._batch:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
 
 
 class _PairsFn(beam.DoFn):

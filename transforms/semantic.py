@@ -43,9 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
-from paircurate.transforms.beam_util import metered_cogroup, metered_group
+from paircurate.transforms.beam_util import BatchedFn, metered_cogroup, metered_group
 from paircurate.transforms.dedup import (
     DedupConfig,
     SemanticDedupConfig,
@@ -252,23 +251,19 @@ def without_embedding(record: Dict[str, Any]) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- DoFns
 
-class _SketchFn(beam.DoFn):
+class _SketchFn(BatchedFn):
     """(node, embedding) -> (partition, (band indices, node keys, sketches)) batches."""
 
     def __init__(self, config: DedupConfig):
+        super().__init__(min(config.key_batch, 4096))
         self._config = config.semantic
-        self._partitions, self._batch = config.partitions, min(config.key_batch, 4096)
+        self._partitions = config.partitions
 
-    def start_bundle(self):
-        self._buffer: List[SemSig] = []
-
-    def _flush(self):
-        if not self._buffer:
-            return
+    def emit_batch(self, batch: List[SemSig]):
         config = self._config
-        nodes = [node for node, _ in self._buffer]
-        sketch = sketches(np.stack([embedding_array(e) for _, e in self._buffer]), config)
-        self._buffer = []
+        nodes = [node for node, _ in batch]
+        sketch = sketches(np.stack([embedding_array(e) for _, e in batch]), config)
+        del batch  # the embeddings: only the sketches are needed from here
         band_bytes = config.bits // 8
         n = len(nodes)
         bands = np.repeat(np.arange(config.bands, dtype=np.uint8), n)
@@ -281,15 +276,6 @@ class _SketchFn(beam.DoFn):
             picked = rows[chunk]
             yield int(parts[chunk[0]]), (bands[chunk].tobytes(), [nodes[i] for i in picked.tolist()],
                                          sketch[picked].tobytes())
-
-    def process(self, element):
-        self._buffer.append(element)
-        if len(self._buffer) >= self._batch:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
 
 
 class _BandPairsFn(beam.DoFn):

@@ -493,16 +493,31 @@ def decode_for_resize(data: bytes, plan: FastResize) -> Optional[Tuple[np.ndarra
     work.  Modes other than RGB and greyscale (palette, alpha, CMYK, 16-bit)
     are left to the exact path, whose PIL steps treat them in their own ways.
     """
+    decoded = _pil_pixels(data, plan)
+    if decoded is None:
+        return None
+    pixels, (height, width) = decoded
+    return pixels.numpy(), plan.resized(width, height)
+
+
+def _pil_pixels(data: bytes, plan: FastResize):
+    """(uint8 RGB pixels as an HWC tensor, the image's (height, width)) decoded by PIL, a JPEG
+    at reduced scale where plan allows (see decode_for_resize); None for modes other than
+    RGB and greyscale."""
+    import torch
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         if image.mode not in ("RGB", "L"):
             return None
-        target = plan.resized(*image.size)
+        width, height = image.size
+        target = plan.resized(width, height)
         image.draft(image.mode, (DRAFT_HEADROOM * target[1], DRAFT_HEADROOM * target[0]))  # JPEG only
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return np.asarray(image), target
+        # One copy of the decoded bytes (np.array(image) packs them twice: 45 us a 128 px image).
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.view(image.height, image.width, 3), (height, width)
 
 
 #: Start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC), whose segment gives the image size.
@@ -554,9 +569,6 @@ def decode_pixels(data: bytes, plan: FastResize):
     read goes to PIL, which reads it or says what is wrong with it.  Other formats go
     to PIL; modes other than RGB and greyscale to the exact path.
     """
-    import torch
-    from PIL import Image
-
     header = jpeg_header(data)
     if header is not None:
         height, width, components, bits = header
@@ -564,18 +576,11 @@ def decode_pixels(data: bytes, plan: FastResize):
             pixels = _decode_jpeg(data)
             if pixels is not None:
                 return pixels, (height, width)
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode not in ("RGB", "L"):
-            return None
-        width, height = image.size
-        if image.format == "JPEG":
-            target = plan.resized(width, height)
-            image.draft(image.mode, (DRAFT_HEADROOM * target[1], DRAFT_HEADROOM * target[0]))
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        # One copy of the decoded bytes (np.array(image) packs them twice: 45 us a 128 px image).
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return pixels.view(image.height, image.width, 3).permute(2, 0, 1), (height, width)
+    decoded = _pil_pixels(data, plan)
+    if decoded is None:
+        return None
+    pixels, original = decoded
+    return pixels.permute(2, 0, 1), original
 
 
 def _decode_jpeg(data: bytes):

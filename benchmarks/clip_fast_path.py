@@ -29,7 +29,7 @@ def model_inputs(loaded, images):
         x = loaded._buffer(len(images))
         prepare = loaded._prepare_fast_into if loaded.fast is not None else loaded._prepare_exact_into
         for i, data in enumerate(images):
-            prepare(x.numpy(), i, data)
+            prepare(x, i, data)
         return (x * loaded.std + loaded.mean).mul_(255).cpu().numpy()
     if loaded.fast is not None:
         futures = [loaded._decode_fast(data) for data in images]

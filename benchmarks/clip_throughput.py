@@ -199,16 +199,16 @@ def breakdown(loaded, images: List[bytes], captions: List[str], batch: int) -> D
         measure("fast_resize_images_per_s", len(sample),
                 lambda: list(pool.map(lambda d: resize_image(*decode_pixels(d, loaded.fast), loaded.fast),
                                       sample)))
-        ready = loaded._buffer(len(sample)).numpy()
-        ready.fill(0)  # its pages touched before the clock starts, as a stage's reused buffer is
+        ready = loaded._buffer(len(sample))
+        ready.fill_(0)  # its pages touched before the clock starts, as a stage's reused buffer is
         measure("prepare_images_per_s", len(sample),
                 lambda: list(pool.map(lambda i: loaded._prepare_fast_into(ready, i, sample[i]),
                                       range(len(sample)))))
     elif loaded.fast is not None:
         measure("prepare_images_per_s", len(sample), lambda: list(pool.map(loaded._decode_fast, sample)))
     elif loaded.host_input:  # the exact path on a CPU: PIL steps, then normalised on the threads
-        ready = loaded._buffer(len(sample)).numpy()
-        ready.fill(0)
+        ready = loaded._buffer(len(sample))
+        ready.fill_(0)
         measure("prepare_images_per_s", len(sample),
                 lambda: list(pool.map(lambda i: loaded._prepare_exact_into(ready, i, sample[i]),
                                       range(len(sample)))))
@@ -312,10 +312,18 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
     from paircurate.score import _ReadShard, input_root
     from paircurate.transforms.beam_util import make_pipeline
     from paircurate.transforms.clip import ScoreAndFilter
+    from paircurate.transforms.clip_model import LoadedClip
 
     started, cpu = time.perf_counter(), cpu_seconds()
     options = ([f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
                if workers > 1 else [])
+    calls: List[Tuple[float, float, int]] = []  # (wall, process CPU, pairs) at the start of each batch
+    score = LoadedClip.score
+    if workers == 1:  # one bundle thread in this process: its batches follow one another
+        def timed_score(self, images, *a, **kw):
+            calls.append((time.perf_counter(), cpu_seconds(), len(images)))
+            return score(self, images, *a, **kw)
+        LoadedClip.score = timed_score
     pipeline = make_pipeline("DirectRunner", options)
     if staging:
         records = (pipeline | beam.Create(list(paths)) | beam.FlatMap(slim_records))
@@ -328,8 +336,24 @@ def stage_in_beam(clip_config, paths: Sequence[str], workers: int = 1,
      | beam.Map(lambda r: 1 if r.get("clip_score") is not None else 0)
      | beam.CombineGlobally(sum)
      | beam.Map(lambda n: print(f"      beam: {n} pairs scored", flush=True)))
-    pipeline.run().wait_until_finish()
-    return {"seconds": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu}
+    try:
+        pipeline.run().wait_until_finish()
+    finally:
+        LoadedClip.score = score
+    figures = {"seconds": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu}
+    figures.update(steady_state(calls))
+    return figures
+
+
+def steady_state(calls: Sequence[Tuple[float, float, int]]) -> Dict[str, float]:
+    """Pairs/s and process CPU per pair from the start of the first batch to the start of the
+    last: every batch in between with all the Beam work around it (reads, batching, attaching
+    scores), and neither pipeline start, model load nor the run's tail."""
+    if len(calls) < 3:
+        return {}
+    pairs = sum(n for _, _, n in calls[:-1])
+    wall, cpu = calls[-1][0] - calls[0][0], calls[-1][1] - calls[0][1]
+    return {"steady_pairs": pairs, "steady_pairs_per_s": rate(pairs, wall), "steady_cpu_s_per_pair": cpu / pairs}
 
 
 def stub_forward() -> None:
@@ -527,6 +551,10 @@ def main(argv=None) -> int:
                     beam_figures["marginal_pairs_per_s"] = rate(extra, full["seconds"] - small["seconds"])
                     beam_figures["cpu_ms_per_pair_outside_model"] = (
                         (full["cpu_s"] - small["cpu_s"]) / extra - model_cpu) * 1e3
+                if "steady_cpu_s_per_pair" in full:
+                    beam_figures["steady_pairs_per_s"] = full["steady_pairs_per_s"]
+                    beam_figures["steady_cpu_ms_per_pair_outside_model"] = (
+                        full["steady_cpu_s_per_pair"] - model_cpu) * 1e3
                 part["stage_beam"] = beam_figures
                 print(f"    scoring stage in Beam (read+score): {beam_figures['pairs_per_s']:>10,.0f} pairs/s "
                       f"({full['seconds']:.1f}s incl. pipeline start and model load)", flush=True)
@@ -534,6 +562,11 @@ def main(argv=None) -> int:
                     print(f"      marginal ({small_n:,} -> {args.n:,} pairs): "
                           f"{beam_figures['marginal_pairs_per_s']:>10,.0f} pairs/s, "
                           f"{beam_figures['cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model",
+                          flush=True)
+                if "steady_pairs_per_s" in beam_figures:
+                    print(f"      steady state ({full['steady_pairs']:,} pairs)  : "
+                          f"{beam_figures['steady_pairs_per_s']:>10,.0f} pairs/s, "
+                          f"{beam_figures['steady_cpu_ms_per_pair_outside_model']:.3f} core-ms/pair outside the model",
                           flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

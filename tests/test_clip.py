@@ -562,10 +562,44 @@ def test_drafts_agrees_with_pil(width, height):
 def test_fast_path_on_cpu_names_what_is_wrong_with_a_truncated_jpeg():
     loaded = clip_model.load_clip(tiny_config(preprocess="fast"))
     data = encode(synthetic_image(34, size=(256, 256))[0])
-    out = np.zeros((2, 3, 64, 64), np.float32)
-    assert loaded._prepare_fast_into(out, 0, data) is None and np.abs(out[0]).max() > 0
+    loaded.host_input = True  # the per-image path, which models of 96 px or more take
+    out = loaded._buffer(2)
+    out.zero_()
+    assert loaded._prepare_fast_into(out, 0, data) is None and out[0].abs().max() > 0
     error = loaded._prepare_fast_into(out, 1, data[: len(data) // 2])  # torchvision refuses; PIL says why
     assert error and "truncated" in error
+
+
+def test_one_image_batch_is_a_view_with_a_whole_images_batch_stride():
+    hwc = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    decoded = hwc.permute(2, 0, 1)  # CHW, HWC in memory: as both decoders give it
+    x = clip_model.one_image_batch(decoded)
+    assert tuple(x.shape) == (1, 3, 40, 30) and x.stride() == (40 * 30 * 3, 1, 30 * 3, 3)
+    assert x.data_ptr() == hwc.data_ptr() and torch.equal(x[0], decoded)  # no copy
+    planar = decoded.contiguous()  # CHW in memory: copied once into HWC
+    y = clip_model.one_image_batch(planar)
+    assert y.stride() == (40 * 30 * 3, 1, 30 * 3, 3) and torch.equal(y[0], decoded)
+    # The resize gives the pixels it gave through unsqueeze(0), the view it had before.
+    plan = clip_model.FastResize("shortest", (16, 16), "bicubic")
+    target = plan.resized(30, 40)
+    old = torch.nn.functional.interpolate(decoded.unsqueeze(0).contiguous(memory_format=torch.channels_last),
+                                          size=target, mode="bicubic", antialias=True)
+    assert torch.equal(clip_model.resize_image(decoded, (40, 30), plan), clip_model.resize_batch(old, target, plan)[0])
+
+
+def test_single_threaded_ops_keep_other_threads_counts():
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # more than one, whatever the machine
+    try:
+        with ThreadPoolExecutor(1, initializer=clip_model.single_threaded_ops) as pool:
+            assert pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 3  # the model's threads (here: the main thread's) keep theirs
+        with ThreadPoolExecutor(1) as pool:  # a thread without it has the process's count
+            assert pool.submit(torch.get_num_threads).result() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_normalise_into_is_totensor_then_normalize():
@@ -578,9 +612,11 @@ def test_normalise_into_is_totensor_then_normalize():
     expected = Normalize(mean, std)(ToTensor()(hwc)).numpy()
     for pixels in (torch.from_numpy(hwc).permute(2, 0, 1),  # HWC in memory, as the decoders give it
                    torch.from_numpy(hwc).permute(2, 0, 1).contiguous()[:, 2:, 3:]):  # a cropped view
-        out = np.full((3, *pixels.shape[1:]), np.nan, np.float32)
-        clip_model.normalise_into(out, pixels, scale, shift)
-        assert np.abs(out - expected[:, -pixels.shape[1]:, -pixels.shape[2]:]).max() < 1e-5
+        out = torch.full((*pixels.shape[1:], 3), float("nan")).permute(2, 0, 1)  # HWC in memory
+        width = pixels.shape[2]
+        clip_model.normalise_into(out, pixels, clip_model.affine_row(torch.from_numpy(scale), width),
+                                  clip_model.affine_row(torch.from_numpy(shift), width))
+        assert np.abs(out.numpy() - expected[:, -pixels.shape[1]:, -pixels.shape[2]:]).max() < 1e-5
 
 
 def test_fast_path_batch_decode_scores_within_bound_and_falls_back():

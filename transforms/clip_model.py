@@ -19,11 +19,12 @@ Two image paths (clip.preprocess):
   (libjpeg-turbo through torchvision into a tensor, or PIL scaling a JPEG down
   in the DCT domain when it is at least four times the size the model needs),
   the antialiased resize in uint8 (PIL's filter, in torch), and ToTensor +
-  Normalize as one affine written straight into the batch's model input,
-  while the image is still in the thread's cache (inputs under
-  PER_IMAGE_MIN_PIXELS are decoded on the threads and resized and normalised
-  per batch, which costs them less).  Images that are neither RGB nor
-  greyscale take the exact path.
+  Normalize as one affine written straight into the batch's model input
+  (channels last in memory, so every pass is contiguous), while the image is
+  still in the thread's cache.  Torch's ops on these threads run on them alone
+  (single_threaded_ops).  Inputs under PER_IMAGE_MIN_PIXELS are decoded on the
+  threads and resized and normalised per batch, which costs them less.
+  Images that are neither RGB nor greyscale take the exact path.
 """
 from __future__ import annotations
 
@@ -597,22 +598,82 @@ def _decode_jpeg(data: bytes):
 def resize_image(pixels, original: Tuple[int, int], plan: FastResize):
     """uint8 CHW pixels of an image of ``original`` (height, width) -> uint8 CHW of ``plan.size``
     (a view of the resized image), in uint8 with torch's antialiased kernels."""
+    return resize_batch(one_image_batch(pixels), plan.resized(original[1], original[0]), plan)[0]
+
+
+def one_image_batch(pixels):
+    """uint8 CHW pixels -> a 1CHW view, HWC in memory (channels last) with a whole image's
+    batch stride, copying only when they are not HWC in memory.
+
+    Channels last is the kernels' SIMD path (any other layout takes a generic one,
+    several times slower).  The batch stride matters too, although one image never
+    uses it: ``unsqueeze(0)`` of a CHW view gives a stride of 3, and then the uint8
+    kernel copies the image first (0.23 core-ms for a 256 px photograph against 0.16).
+    """
+    hwc = pixels.permute(1, 2, 0)
+    return (hwc if hwc.is_contiguous() else hwc.contiguous()).unsqueeze(0).permute(0, 3, 1, 2)
+
+
+def normalise_into(out, pixels, scale, shift) -> None:
+    """out = pixels * scale + shift per channel: ToTensor and Normalize as one affine, one image.
+
+    out: float32 CHW, HWC in memory (an image of the channels-last model input);
+    pixels: uint8 CHW, any strides (HWC in memory, as the decoders and the resize
+    give them, is the fast case); scale, shift: float32 (W * C,), the channels'
+    values repeated along a row (affine_row).  In HWC every pass is contiguous and
+    vectorised: 0.06 core-ms for 224 px into a batch buffer that is not in the
+    cache, where numpy's casting multiply and add into CHW took 0.14.  Run on a
+    preprocess thread whose torch ops stay in that thread (single_threaded_ops).
+    """
+    rows = out.permute(1, 2, 0)
+    rows.copy_(pixels.permute(1, 2, 0))
+    rows = rows.view(rows.shape[0], -1)
+    rows.mul_(scale).add_(shift)
+
+
+def affine_row(values, width: int):
+    """Per-channel values (C,) -> (width * C,), repeated along an HWC row, for normalise_into."""
+    return values.reshape(-1).repeat(width)
+
+
+def single_threaded_ops() -> bool:
+    """Make torch's CPU ops run in the calling thread alone; True where that took effect.
+
+    For the preprocess threads, which are the parallelism: an op over more than
+    32,768 elements (the normalisation) otherwise splits into an OpenMP team of
+    its own for each calling thread, and 2 threads x 2 teams on 2 cores cost
+    more CPU than they save.  OpenMP keeps its thread count per calling thread,
+    so the model's own threads keep theirs; torch.set_num_threads would change
+    them for the whole process, and threadpoolctl supports calls from the main
+    thread only.  torch sets a thread's count the first time the thread asks
+    for it, so it is asked first.
+    """
+    import ctypes
+
     import torch
 
-    # HWC in memory (channels last), as both decoders give it: the kernels' SIMD path
-    # (any other layout takes a generic one, several times slower).
-    x = pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    return resize_batch(x, plan.resized(original[1], original[0]), plan)[0]
+    torch.get_num_threads()
+    runtime = _openmp_runtime()
+    if runtime is None:
+        return False
+    try:
+        ctypes.CDLL(runtime).omp_set_num_threads(1)
+    except (OSError, AttributeError):
+        return False
+    return torch.get_num_threads() == 1
 
 
-def normalise_into(out: np.ndarray, pixels, scale: np.ndarray, shift: np.ndarray) -> None:
-    """out (float32 CHW) = pixels (uint8 CHW, any strides) * scale + shift, per channel.
-
-    ToTensor and Normalize as one affine, in two passes over one image, which stays
-    in the cache: a third of the CPU of converting and normalising a whole batch.
-    """
-    np.multiply(pixels.numpy(), scale, out=out, casting="unsafe")
-    np.add(out, shift, out=out)
+def _openmp_runtime() -> Optional[str]:
+    """The path of the OpenMP runtime torch loaded into this process (Linux), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def resize_batch(x, target: Tuple[int, int], plan: FastResize):
@@ -734,8 +795,8 @@ class LoadedClip:
         if split:  # ToTensor + Normalize as one affine: x * scale + shift
             self.fast_scale = 1.0 / (255.0 * self.std)
             self.fast_shift = -self.mean / self.std
-            self.host_scale = self.fast_scale.cpu().numpy().reshape(-1, 1, 1)
-            self.host_shift = self.fast_shift.cpu().numpy().reshape(-1, 1, 1)
+            self.host_scale = affine_row(self.fast_scale.cpu(), self.image_size[1])
+            self.host_shift = affine_row(self.fast_shift.cpu(), self.image_size[1])
         # On a GPU the fast path decodes JPEGs there too (nvJPEG through torchvision), in
         # batches: a few hundredths of a core-ms per image instead of a quarter or more.
         self.device_decode = self.fast is not None and self.device.startswith("cuda")
@@ -745,7 +806,8 @@ class LoadedClip:
         self.host_input = (self.device == "cpu" and split is not None
                            and (self.fast is None or self.fast.size[0] * self.fast.size[1] >= PER_IMAGE_MIN_PIXELS))
         self.threads = config.preprocess_threads or os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess")
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="clip-preprocess",
+                                       initializer=single_threaded_ops)
         self._local = threading.local()
         self.load_seconds = time.perf_counter() - started
         self.description = dict(r.description, device=self.device,
@@ -788,8 +850,9 @@ class LoadedClip:
         except Exception as exc:  # one bad image must not fail its batch
             return "error", f"{type(exc).__name__}: {exc}"[:200]
 
-    def _prepare_exact_into(self, out: np.ndarray, i: int, data: bytes) -> Optional[str]:
-        """The exact path on a CPU: the model's PIL steps, then ToTensor + Normalize into ``out[i]``."""
+    def _prepare_exact_into(self, out, i: int, data: bytes) -> Optional[str]:
+        """The exact path on a CPU: the model's PIL steps, then ToTensor + Normalize into ``out[i]``
+        (out: the model input, as _buffer makes it)."""
         import torch
 
         ready = np.empty((1, *self.image_size, 3), np.uint8)
@@ -798,9 +861,10 @@ class LoadedClip:
             normalise_into(out[i], torch.from_numpy(ready[0]).permute(2, 0, 1), self.host_scale, self.host_shift)
         return error
 
-    def _prepare_fast_into(self, out: np.ndarray, i: int, data: bytes) -> Optional[str]:
+    def _prepare_fast_into(self, out, i: int, data: bytes) -> Optional[str]:
         """The fast path on a CPU: decode, resize and normalise one image into ``out[i]``
-        (float32 CHW), all on one preprocess thread while the image is in its cache."""
+        (out: the model input, as _buffer makes it), all on one preprocess thread while the image
+        is in its cache."""
         try:
             decoded = decode_pixels(data, self.fast)
             if decoded is None:  # neither RGB nor greyscale: the model's own PIL steps
@@ -875,18 +939,18 @@ class LoadedClip:
 
     def _buffer(self, n: int):
         """A (reused, pinned on CUDA) host buffer for n prepared images: uint8 NHWC for the
-        exact path's PIL steps on a GPU, else float32 NCHW model input."""
+        exact path's PIL steps on a GPU, else float32 model input, NCHW with channels last
+        in memory (normalise_into's layout; the model's first convolution takes either)."""
         import torch
 
         h, w = self.image_size
         uint8 = self.pil_steps is not None and not self.host_input
-        shape = (n, h, w, 3) if uint8 else (n, 3, h, w)
         dtype = torch.uint8 if uint8 else torch.float32
         cached = getattr(self._local, "buffer", None)
-        if cached is None or cached.shape[0] < n or tuple(cached.shape[1:]) != shape[1:]:
-            cached = torch.empty(shape, dtype=dtype, pin_memory=self.device.startswith("cuda"))
+        if cached is None or cached.shape[0] < n or cached.shape[1:] != (h, w, 3) or cached.dtype != dtype:
+            cached = torch.empty((n, h, w, 3), dtype=dtype, pin_memory=self.device.startswith("cuda"))
             self._local.buffer = cached
-        return cached[:n]
+        return cached[:n] if uint8 else cached[:n].permute(0, 3, 1, 2)
 
     def _to_model_input(self, host):
         """Host uint8 NHWC -> normalised float NCHW on the device (ToTensor + Normalize)."""
@@ -919,9 +983,8 @@ class LoadedClip:
             futures = _OnDemand(self._decode_fast, images)
         elif self.host_input:  # on a CPU: the threads write the model input itself
             host = self._buffer(n)
-            host_np = host.numpy()
             prepare = self._prepare_fast_into if self.fast is not None else self._prepare_exact_into
-            futures = _RunResults(self.pool, lambda i, data: prepare(host_np, i, data), images, per_run)
+            futures = _RunResults(self.pool, lambda i, data: prepare(host, i, data), images, per_run)
         elif self.fast is not None:  # small inputs on a CPU: the threads decode, this one resizes
             futures = _RunResults(self.pool, lambda i, data: self._decode_fast(data), images, per_run)
         else:

@@ -161,9 +161,12 @@ class _ReadShard(beam.DoFn):
         self._root = root
         self._max = max_member_bytes
 
+    def setup(self):
+        self._rows = beam.metrics.Metrics.counter("read", "rows")
+
     def process(self, path: str):
         for record in read_shard(path, self._root, self._max):
-            beam.metrics.Metrics.counter("read", "rows").inc()
+            self._rows.inc()
             yield record
 
 

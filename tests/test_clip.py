@@ -530,6 +530,16 @@ def test_fast_decode_gives_pils_pixels_and_leaves_odd_modes_to_the_exact_path():
     assert clip_model.decode_pixels(encode(image.convert("P"), "PNG"), plan) is None
 
 
+def test_fast_decode_falls_back_to_pil_without_torchvisions_decoder(monkeypatch):
+    """torchvision 0.29 deprecates its image decoders: without one, PIL decodes the same pixels."""
+    import torchvision.io
+
+    data = encode(synthetic_image(36, size=(256, 180))[0])
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    pixels, original = clip_model.decode_pixels(data, clip_model.FastResize("shortest", (224, 224), "bicubic"))
+    assert original == (180, 256) and np.array_equal(pixels.permute(1, 2, 0).numpy(), pil_pixels(data))
+
+
 def test_jpeg_header_reads_what_pil_reads():
     image, _ = synthetic_image(35, size=(300, 170))
     exif = Image.Exif()

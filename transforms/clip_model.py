@@ -585,10 +585,14 @@ def decode_pixels(data: bytes, plan: FastResize):
 
 
 def _decode_jpeg(data: bytes):
-    """uint8 RGB CHW pixels (HWC in memory) decoded by torchvision; None where it fails."""
+    """uint8 RGB CHW pixels (HWC in memory) decoded by torchvision; None where it fails, or
+    where torchvision has no JPEG decoder (0.29 deprecates its image decoders): PIL then."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:

@@ -73,3 +73,105 @@ def test_oversized_and_skipped_members_keep_the_stream_in_step():
         else:
             assert sample["jpg"] == ref["jpg"]
     assert len(got) == len(SIZES)
+
+
+def reference_samples(data):
+    """What iter_samples should give, by tarfile: regular files with an extension, hidden ones left out."""
+    samples = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for info in tar:
+            key, ext = files.split_member(info.name)
+            if not info.isfile() or not ext or os.path.basename(info.name).startswith("."):
+                continue
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tar.extractfile(info).read()
+    return samples
+
+
+def test_links_directories_hidden_files_and_odd_names_read_as_tarfile_reads_them():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE, **extra):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+            for attr, value in extra.items():
+                setattr(info, attr, value)
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("shard", kind=tarfile.DIRTYPE)
+        add("shard/0001.jpg", b"\xff\xd8 one")
+        add("shard/0001.txt", "caf\u00e9 cr\u00e8me".encode())
+        add("shard/0001.json", b"{}")
+        add("shard/0002.jpg", kind=tarfile.SYMTYPE, linkname="0001.jpg")
+        add("shard/0002.txt", kind=tarfile.LNKTYPE, linkname="shard/0001.txt")
+        add("shard/.hidden.txt", b"not a sample")
+        add("shard/README", b"no extension")
+        add("shard/fifo.txt", kind=tarfile.FIFOTYPE)
+        add("shard/\u00e9t\u00e9/0003.jpg", b"non-ASCII folder")  # pax path record
+        add("shard/" + "x" * 150 + "/0004.jpg", b"long name")  # pax path record
+        add("shard/0005.jpg", b"\x00" * 513)
+    data = buf.getvalue()
+    expected = reference_samples(data)
+    assert [k for k, _ in expected] == ["shard/0001", "shard/\u00e9t\u00e9/0003", "shard/" + "x" * 150 + "/0004",
+                                        "shard/0005"]
+    assert list(iter_samples(io.BytesIO(data))) == expected
+
+
+def test_ustar_prefix_base256_sizes_and_undecodable_names_read_as_tarfile_reads_them():
+    def header(name: bytes, size: int, prefix: bytes = b"", base256: bool = False, signed: bool = False) -> bytes:
+        info = tarfile.TarInfo("x")
+        info.size = size
+        block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        block[0:100] = name.ljust(100, b"\0")
+        block[345:500] = prefix.ljust(155, b"\0")
+        if base256:
+            block[124:136] = b"\x80" + size.to_bytes(11, "big")
+        block[148:156] = b" " * 8
+        # Some old tars summed the bytes as signed chars: tarfile accepts either sum.
+        block[148:156] = b"%06o\0 " % sum(b - 256 if signed and b > 127 else b for b in block)
+        return bytes(block)
+
+    def member(name, data, **kw):
+        return header(name, len(data), **kw) + data + bytes(-len(data) % 512)
+
+    data = (member(b"0001.jpg", b"image", prefix=b"some/folder") + member(b"0001.txt", b"caption", base256=True)
+            + member(b"caf\xe9.txt", b"latin-1 name") + member(b"\xe9t\xe9.txt", b"signed", signed=True)
+            + bytes(1024))
+    expected = reference_samples(data)
+    assert [k for k, _ in expected] == ["some/folder/0001", "0001", "caf\udce9", "\udce9t\udce9"]
+    assert list(iter_samples(io.BytesIO(data))) == expected
+
+
+def three_samples(tar_format=tarfile.GNU_FORMAT):
+    return tar_of([(f"{i:05d}.{ext}", b"x" * 700 if ext == "jpg" else b"caption") for i in range(3)
+                   for ext in ("jpg", "txt")], tar_format)
+
+
+def test_a_damaged_header_after_the_first_is_reported_not_taken_for_the_end():
+    """tarfile's reader ends the archive without a word at a bad header after the first: the
+    samples after it would be lost unseen.  Here the damage is an error, after what came before."""
+    data = bytearray(three_samples())
+    at = data.find(b"00001.jpg")
+    data[at + 200] ^= 0xFF  # inside the header of sample 1's image: its checksum no longer holds
+    with tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r|") as tar:
+        assert len(list(tar)) == 2  # tarfile: two members, then a quiet end
+    got = []
+    with pytest.raises(files.CorruptShard, match=f"bad checksum in the header at byte {at}") as raised:
+        for sample in iter_samples(io.BytesIO(bytes(data))):
+            got.append(sample)
+    assert [k for k, _ in got] == [] and raised.value.pending == "00000"  # sample 0 was being collected
+    # Cut inside a header, inside a member's data, or inside its padding: each is an error too.
+    whole = three_samples()
+    second = whole.find(b"00001.jpg")
+    for cut in (second + 100, second + 512 + 300, second + 512 + 750):
+        with pytest.raises(files.CorruptShard):
+            list(iter_samples(io.BytesIO(whole[:cut])))
+    # The end of the stream right after a member (no end-of-archive blocks) is an end.
+    end = whole.find(b"00002.txt") + 1024
+    assert [k for k, _ in iter_samples(io.BytesIO(whole[:end]))] == ["00000", "00001", "00002"]
+
+
+def test_extended_headers_beyond_the_bound_are_refused():
+    data = tar_of([("a" * (files.MAX_EXTENDED_HEADER + 10) + ".jpg", b"x")], tarfile.GNU_FORMAT)
+    with pytest.raises(files.CorruptShard, match="extended header of"):
+        list(iter_samples(io.BytesIO(data)))

@@ -12,6 +12,7 @@ import io
 import json
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -104,19 +105,157 @@ class CorruptShard(tarfile.ReadError):
         self.pending = pending
 
 
-#: Largest extended header (pax, GNU long name) read: tarfile reads one whole into memory.
+#: Largest extended header (pax, GNU long name) read: each is read whole into memory.
 MAX_EXTENDED_HEADER = 1 << 20
-_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous: tarfile's isfile()
+#: Header types whose size field does not count data blocks (links, devices, directories, FIFOs).
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses an extended header larger than MAX_EXTENDED_HEADER before tarfile reads it."""
+def _header_name(field: bytes) -> str:
+    """A NUL-terminated header string, decoded as tarfile does (UTF-8, undecodable bytes kept)."""
+    end = field.find(b"\0")
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
 
-    def _proc_member(self, tarfile_):  # tarfile's hook for header types
-        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
-            raise tarfile.HeaderError(f"extended header of {self.size} bytes for {self.name!r}")
-        return super()._proc_member(tarfile_)
+
+def _header_number(field: bytes) -> int:
+    """An octal or base-256 header number, read as tarfile reads it; ReadError when it is neither."""
+    if field[0] in (0o200, 0o377):  # GNU base-256: a negative number has no meaning here
+        if field[0] == 0o377:
+            raise tarfile.ReadError("invalid header: negative number")
+        return int.from_bytes(field[1:], "big")
+    end = field.find(b"\0")
+    try:
+        return int((field if end < 0 else field[:end]).strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError("invalid header") from None
+
+
+def _checksum_holds(block: bytes) -> bool:
+    """Whether a header's checksum field matches its bytes summed unsigned or (as some old tars
+    summed them) signed, the field itself counted as eight spaces: what tarfile accepts."""
+    stored = _header_number(block[148:156])
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in block[:148] if b > 127) + sum(1 for b in block[156:] if b > 127)
+    return stored == unsigned - 256 * high
+
+
+def _pax_records(data: bytes) -> Dict[str, str]:
+    """The records of a pax extended header ("LENGTH KEY=VALUE\n"), decoded as UTF-8 with
+    undecodable bytes kept, as tarfile keeps them in names."""
+    records, pos = {}, 0
+    while True:
+        match = _PAX_RECORD.match(data, pos)
+        if not match:
+            return records
+        length = int(match.group(1))
+        if length == 0:
+            raise tarfile.ReadError("invalid pax header")
+        value = data[match.end(2) + 1:match.start(1) + length - 1]
+        records[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+
+
+class TarReader:
+    """The members of a tar stream, one header at a time, read straight from the stream.
+
+    Reads what WebDataset shards hold: ustar and GNU headers (octal or base-256
+    sizes, the ustar name prefix), pax extended and global headers (path and
+    size) and GNU long names, with names decoded as tarfile decodes them.  Unlike
+    tarfile, whose reader stops without a word at a damaged header after the
+    first, every header that is not one (a bad checksum, an invalid number) and
+    every end of data inside a header or a member is a ReadError, so a damaged
+    shard is never taken for a shorter one.  The first all-zero block ends the
+    archive, as in tarfile; so does the end of the stream at a member boundary.
+    Python's tarfile cost 0.10 core-ms a sample of three members, mostly in its
+    header parsing and stream buffer; this reader costs about a quarter of that.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.offset = 0  # bytes read from the stream
+
+    def _read(self, size: int) -> bytes:
+        data = self._stream.read(size)
+        while len(data) < size:  # a raw stream may return less than asked before its end
+            more = self._stream.read(size - len(data))
+            if not more:
+                break
+            data += more
+        self.offset += len(data)
+        return data
+
+    def read(self, size: int) -> bytes:
+        """A member's data (and the padding to its last block), or ReadError where it is cut short."""
+        data = self._read(size)
+        if len(data) < size or len(self._read(-size % _BLOCK)) < -size % _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
+
+    def skip(self, size: int) -> None:
+        """Past a member's data without keeping it (read in small blocks: nothing large in memory)."""
+        left = size + (-size % _BLOCK)
+        while left:
+            chunk = self._read(min(left, 1 << 16))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            left -= len(chunk)
+
+    def __iter__(self) -> Iterator[Tuple[str, int, bool]]:
+        """(name, size, is a regular file) for each member; the caller reads or skips its data
+        before asking for the next."""
+        global_pax: Dict[str, str] = {}
+        pending: Dict[str, Any] = {}  # what extended headers say of the next member
+        while True:
+            at = self.offset
+            block = self._read(_BLOCK)
+            if not block or block == _ZERO_BLOCK:
+                if pending:
+                    raise tarfile.ReadError(f"extended header at byte {at} without its member")
+                if not block and at == 0:
+                    raise tarfile.ReadError("empty file")
+                return
+            if len(block) < _BLOCK:
+                raise tarfile.ReadError(f"truncated header at byte {at}")
+            if not _checksum_holds(block):
+                raise tarfile.ReadError(f"bad checksum in the header at byte {at}" if at else "invalid header")
+            kind = block[156:157]
+            size = _header_number(block[124:136])
+            if kind in (b"x", b"g", b"L", b"K"):
+                if size > MAX_EXTENDED_HEADER:
+                    raise tarfile.ReadError(f"extended header of {size} bytes at byte {at}")
+                data = self.read(size)
+                if kind == b"x":
+                    pending.update(_pax_records(data))
+                elif kind == b"g":
+                    global_pax.update(_pax_records(data))
+                elif kind == b"L":
+                    pending["gnu_long_name"] = _header_name(data)
+                continue
+            if kind == b"S" or any(k.startswith("GNU.sparse.") for k in pending):
+                raise tarfile.ReadError(f"sparse member at byte {at}: not supported in a shard")
+            name = _header_name(block[0:100])
+            if kind == b"\0" and name.endswith("/"):
+                kind = b"5"  # old tar's way of writing a directory
+            prefix = _header_name(block[345:500])
+            if prefix:
+                name = prefix + "/" + name
+            info = {**global_pax, **pending}
+            pending = {}
+            name = info.get("gnu_long_name", info.get("path", name))
+            if "size" in info:
+                try:
+                    size = int(info["size"])
+                except ValueError:
+                    raise tarfile.ReadError(f"invalid pax size at byte {at}") from None
+            if kind in _NO_DATA_TYPES:
+                size = 0
+            yield name, size, kind in _FILE_TYPES
 
 
 #: What a damaged tar or gzip stream raises while being read.
@@ -157,16 +296,14 @@ def _decompressed(handle):
     gzip/bz2/lzma's readers decompress at most what is asked for.
     """
     head = handle.read(6)
-    stream = io.BufferedReader(_Prefixed(head, handle), 1 << 16)
+    stream = io.BufferedReader(_Prefixed(head, handle), _TAR_BUFFER)
     for magic, reader in _COMPRESSIONS:
         if head.startswith(magic):
             return reader(stream)
     return stream
 
 
-#: tarfile's stream buffer.  Each read from it copies what is left of the buffer,
-#: so a large one costs a copy of up to its size per member header: 1 MiB made
-#: reading a shard of small images three times slower than 64 KiB.
+#: The buffer of the stream the shard reader reads (members straddle its refills).
 _TAR_BUFFER = 1 << 16
 
 
@@ -182,24 +319,24 @@ def iter_samples(handle, extensions: Optional[Collection[str]] = None,
     current: Optional[str] = None
     members: Dict[str, Any] = {}
     try:
-        with tarfile.open(fileobj=_decompressed(handle), mode="r|", bufsize=_TAR_BUFFER,
-                          tarinfo=_BoundedTarInfo) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, ext = split_member(info.name)
-                if not ext or os.path.basename(key).startswith("."):
-                    continue  # no extension, or a hidden file: not part of a sample
-                if extensions is not None and ext not in extensions:
-                    continue
-                if key != current:
-                    if current is not None:
-                        yield current, members
-                    current, members = key, {}
-                if max_member_bytes is not None and info.size > max_member_bytes:
-                    members[ext] = OversizedMember(info.name, info.size)
-                else:
-                    members[ext] = tar.extractfile(info).read()
+        tar = TarReader(_decompressed(handle))
+        for name, size, is_file in tar:
+            key, ext = split_member(name)
+            if not is_file or not ext or os.path.basename(name).startswith("."):
+                tar.skip(size)  # not a file, no extension, or a hidden file: not part of a sample
+                continue
+            if extensions is not None and ext not in extensions:
+                tar.skip(size)
+                continue
+            if key != current:
+                if current is not None:
+                    yield current, members
+                current, members = key, {}
+            if max_member_bytes is not None and size > max_member_bytes:
+                members[ext] = OversizedMember(name, size)
+                tar.skip(size)
+            else:
+                members[ext] = tar.read(size)
     except _DAMAGE as exc:
         raise CorruptShard(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
                            current) from exc

@@ -175,3 +175,16 @@ def test_extended_headers_beyond_the_bound_are_refused():
     data = tar_of([("a" * (files.MAX_EXTENDED_HEADER + 10) + ".jpg", b"x")], tarfile.GNU_FORMAT)
     with pytest.raises(files.CorruptShard, match="extended header of"):
         list(iter_samples(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize("claimed,error", [("-5", "invalid pax size"), ("1000000000000000", "unexpected end of data"),
+                                           ("five", "invalid pax size")])
+def test_a_size_no_member_has_is_damage_and_allocates_nothing(claimed, error):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("0001.jpg")
+        info.size, info.pax_headers = 3, {"size": claimed}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    for limit in (None, 100):  # read whole (the report's reader) or refused as oversized (score's)
+        with pytest.raises(files.CorruptShard, match=error):
+            list(iter_samples(io.BytesIO(buf.getvalue()), max_member_bytes=limit))

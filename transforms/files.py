@@ -113,6 +113,7 @@ _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous: tarfile's
 #: Header types whose size field does not count data blocks (links, devices, directories, FIFOs).
 _NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_READ_CHUNK = 1 << 20
 
 
 def _header_name(field: bytes) -> str:
@@ -181,12 +182,16 @@ class TarReader:
         self.offset = 0  # bytes read from the stream
 
     def _read(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        while len(data) < size:  # a raw stream may return less than asked before its end
-            more = self._stream.read(size - len(data))
-            if not more:
+        """Up to ``size`` bytes (fewer only at the end of the stream), in pieces of at most
+        _READ_CHUNK: a header may claim any size, and nothing is allocated before it is read."""
+        parts, left = [], size
+        while left > 0:
+            part = self._stream.read(min(left, _READ_CHUNK))
+            if not part:  # a raw stream may also return less than asked before its end
                 break
-            data += more
+            parts.append(part)
+            left -= len(part)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.offset += len(data)
         return data
 
@@ -201,7 +206,7 @@ class TarReader:
         """Past a member's data without keeping it (read in small blocks: nothing large in memory)."""
         left = size + (-size % _BLOCK)
         while left:
-            chunk = self._read(min(left, 1 << 16))
+            chunk = self._read(min(left, _READ_CHUNK))
             if not chunk:
                 raise tarfile.ReadError("unexpected end of data")
             left -= len(chunk)
@@ -252,7 +257,9 @@ class TarReader:
                 try:
                     size = int(info["size"])
                 except ValueError:
-                    raise tarfile.ReadError(f"invalid pax size at byte {at}") from None
+                    size = -1
+                if size < 0:
+                    raise tarfile.ReadError(f"invalid pax size {info['size']!r} at byte {at}")
             if kind in _NO_DATA_TYPES:
                 size = 0
             yield name, size, kind in _FILE_TYPES

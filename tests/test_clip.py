@@ -600,6 +600,8 @@ def test_one_image_batch_is_a_view_with_a_whole_images_batch_stride():
 def test_single_threaded_ops_keep_other_threads_counts():
     from concurrent.futures import ThreadPoolExecutor
 
+    import img2dataset  # noqa: F401  (brings an OpenMP runtime of its own, mapped before torch's: simsimd's)
+
     before = torch.get_num_threads()
     torch.set_num_threads(3)  # more than one, whatever the machine
     try:

@@ -657,27 +657,28 @@ def single_threaded_ops() -> bool:
     import torch
 
     torch.get_num_threads()
-    runtime = _openmp_runtime()
-    if runtime is None:
-        return False
-    try:
-        ctypes.CDLL(runtime).omp_set_num_threads(1)
-    except (OSError, AttributeError):
-        return False
+    # Other packages bring OpenMP runtimes of their own (simsimd, through img2dataset, does):
+    # each keeps its own count, and this thread is single-threaded in all of them.
+    for runtime in _openmp_runtimes():
+        try:
+            ctypes.CDLL(runtime).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            continue
     return torch.get_num_threads() == 1
 
 
-def _openmp_runtime() -> Optional[str]:
-    """The path of the OpenMP runtime torch loaded into this process (Linux), or None."""
+def _openmp_runtimes() -> List[str]:
+    """The paths of the OpenMP runtimes loaded into this process (Linux; none elsewhere)."""
+    found: List[str] = []
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
             for line in maps:
                 path = line.rstrip("\n").split(maxsplit=5)[-1]
-                if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
-                    return path
+                if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")) and path not in found:
+                    found.append(path)
     except OSError:
         pass
-    return None
+    return found
 
 
 def resize_batch(x, target: Tuple[int, int], plan: FastResize):

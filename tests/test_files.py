@@ -188,3 +188,59 @@ def test_a_size_no_member_has_is_damage_and_allocates_nothing(claimed, error):
     for limit in (None, 100):  # read whole (the report's reader) or refused as oversized (score's)
         with pytest.raises(files.CorruptShard, match=error):
             list(iter_samples(io.BytesIO(buf.getvalue()), max_member_bytes=limit))
+
+
+def plain_header(name, size, kind=b"0"):
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def padded(data):
+    return data + bytes(-len(data) % 512)
+
+
+MEMBER, END = plain_header("m.txt", 3) + padded(b"abc"), bytes(1024)
+
+
+@pytest.mark.parametrize("record", [b"1" * 5000 + b" a=b\n",  # a length of 5,000 digits
+                                    b"2 " * 20000 + b"=",  # quadratic for tarfile's old expression
+                                    b"20 path=abcdef.txt\n",  # a length that is not the record's
+                                    b"19 path=abcdef.txt\ngarbage", b"12 no-equals\n"])
+def test_malformed_pax_records_are_damage(record):
+    data = plain_header("p", len(record), b"x") + padded(record) + MEMBER + END
+    with pytest.raises(files.CorruptShard, match="invalid pax header"):
+        list(iter_samples(io.BytesIO(data)))
+
+
+def test_solaris_extended_headers_and_pax_paths_read_as_tarfile_reads_them():
+    for kind, record in ((b"X", b"19 path=abcdef.txt\n"), (b"x", b"21 path=dir/f.txt///\n")):
+        data = plain_header("p", len(record), kind) + padded(record) + MEMBER + END
+        expected = reference_samples(data)
+        assert expected and expected[0][0] in ("abcdef", "dir/f")
+        assert list(iter_samples(io.BytesIO(data))) == expected
+
+
+def test_a_negative_octal_size_is_damage():
+    header = bytearray(plain_header("a.txt", 0))
+    header[124:136] = b"-1000".ljust(11, b" ") + b"\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(files.CorruptShard, match="negative size"):
+        list(iter_samples(io.BytesIO(bytes(header) + padded(b"y") + END)))
+
+
+@pytest.mark.parametrize("magic", [b"BZh1", b"\x1f\x8b", b"\xfd7zXZ\x00"])
+def test_a_plain_tar_whose_first_name_starts_like_a_compressed_stream_is_plain(magic):
+    name = (magic + b"x.txt").decode("latin-1")  # xz's magic holds a NUL, which ends the name
+    data = plain_header(name, 3) + padded(b"abc") + MEMBER + END
+    expected = reference_samples(data)
+    assert expected[-1][0] == "m" and list(iter_samples(io.BytesIO(data))) == expected
+
+
+def test_a_compressed_shard_whose_checksum_fails_is_damage():
+    data = bytearray(gzip.compress(tar_of([("a.txt", b"AAAA" * 1000)], tarfile.GNU_FORMAT), compresslevel=0))
+    at = data.find(b"AAAA")
+    data[at] ^= 0x01  # one flipped bit in the member's bytes: only the gzip trailer's CRC tells
+    with pytest.raises(files.CorruptShard, match="CRC|crc"):
+        list(iter_samples(io.BytesIO(bytes(data))))

@@ -112,7 +112,7 @@ _ZERO_BLOCK = bytes(_BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old regular, contiguous: tarfile's isfile()
 #: Header types whose size field does not count data blocks (links, devices, directories, FIFOs).
 _NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
-_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
 _READ_CHUNK = 1 << 20
 
 
@@ -147,19 +147,27 @@ def _checksum_holds(block: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> Dict[str, str]:
-    """The records of a pax extended header ("LENGTH KEY=VALUE\n"), decoded as UTF-8 with
-    undecodable bytes kept, as tarfile keeps them in names."""
+    """The records of a pax extended header ("LENGTH KEY=VALUE\n" each), decoded as UTF-8 with
+    undecodable bytes kept, as tarfile keeps them in names; ReadError for anything else.
+
+    Strict, as tarfile is since the fix of CVE-2024-6232 (the regular expression of
+    earlier versions takes time and memory growing with the square of the header's size).
+    """
     records, pos = {}, 0
-    while True:
-        match = _PAX_RECORD.match(data, pos)
-        if not match:
-            return records
-        length = int(match.group(1))
-        if length == 0:
+    while pos < len(data):
+        match = _PAX_LENGTH.match(data, pos)
+        length = int(match.group(1)) if match else 0
+        end = pos + length
+        if length < 5 or end > len(data) or data[end - 1:end] != b"\n":
+            if not data[pos:].strip(b"\0"):
+                break  # NUL padding after the last record
             raise tarfile.ReadError("invalid pax header")
-        value = data[match.end(2) + 1:match.start(1) + length - 1]
-        records[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        keyword, equals, value = data[match.end():end - 1].partition(b"=")
+        if not equals or not keyword:
+            raise tarfile.ReadError("invalid pax header")
+        records[keyword.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return records
 
 
 class TarReader:
@@ -231,11 +239,13 @@ class TarReader:
                 raise tarfile.ReadError(f"bad checksum in the header at byte {at}" if at else "invalid header")
             kind = block[156:157]
             size = _header_number(block[124:136])
-            if kind in (b"x", b"g", b"L", b"K"):
+            if size < 0:  # an octal field may say "-1000"
+                raise tarfile.ReadError(f"negative size in the header at byte {at}")
+            if kind in (b"x", b"X", b"g", b"L", b"K"):  # X: Solaris's name for x
                 if size > MAX_EXTENDED_HEADER:
                     raise tarfile.ReadError(f"extended header of {size} bytes at byte {at}")
                 data = self.read(size)
-                if kind == b"x":
+                if kind in (b"x", b"X"):
                     pending.update(_pax_records(data))
                 elif kind == b"g":
                     global_pax.update(_pax_records(data))
@@ -252,7 +262,9 @@ class TarReader:
                 name = prefix + "/" + name
             info = {**global_pax, **pending}
             pending = {}
-            name = info.get("gnu_long_name", info.get("path", name))
+            if "path" in info:
+                name = info["path"].rstrip("/")  # as tarfile reads a pax path
+            name = info.get("gnu_long_name", name)
             if "size" in info:
                 try:
                     size = int(info["size"])
@@ -296,18 +308,28 @@ _COMPRESSIONS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
 
 
 def _decompressed(handle):
-    """The tar stream inside ``handle``, decompressed by the library streams.
+    """(the tar stream inside ``handle``, decompressed by the library streams; whether it was
+    compressed).
 
     tarfile's own "r|gz" keeps what one read decompressed and copies it on
     every block, which takes minutes to skip over a highly compressible member;
     gzip/bz2/lzma's readers decompress at most what is asked for.
     """
-    head = handle.read(6)
+    head = handle.read(_BLOCK)
     stream = io.BufferedReader(_Prefixed(head, handle), _TAR_BUFFER)
+    if _is_tar_header(head):  # a plain tar whose first name starts like a compressed stream
+        return stream, False
     for magic, reader in _COMPRESSIONS:
         if head.startswith(magic):
-            return reader(stream)
-    return stream
+            return reader(stream), True
+    return stream, False
+
+
+def _is_tar_header(block: bytes) -> bool:
+    try:
+        return len(block) == _BLOCK and block != _ZERO_BLOCK and _checksum_holds(block)
+    except tarfile.ReadError:
+        return False
 
 
 #: The buffer of the stream the shard reader reads (members straddle its refills).
@@ -326,7 +348,8 @@ def iter_samples(handle, extensions: Optional[Collection[str]] = None,
     current: Optional[str] = None
     members: Dict[str, Any] = {}
     try:
-        tar = TarReader(_decompressed(handle))
+        stream, compressed = _decompressed(handle)
+        tar = TarReader(stream)
         for name, size, is_file in tar:
             key, ext = split_member(name)
             if not is_file or not ext or os.path.basename(name).startswith("."):
@@ -344,6 +367,9 @@ def iter_samples(handle, extensions: Optional[Collection[str]] = None,
                 tar.skip(size)
             else:
                 members[ext] = tar.read(size)
+        if compressed:  # to the end of the compressed stream: its checksum is checked there
+            while stream.read(_READ_CHUNK):
+                pass
     except _DAMAGE as exc:
         raise CorruptShard(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
                            current) from exc

@@ -182,7 +182,7 @@ class TarReader:
     shard is never taken for a shorter one.  The first all-zero block ends the
     archive, as in tarfile; so does the end of the stream at a member boundary.
     Python's tarfile cost 0.10 core-ms a sample of three members, mostly in its
-    header parsing and stream buffer; this reader costs about a quarter of that.
+    header parsing and stream buffer; this reader costs about a third of that.
     """
 
     def __init__(self, stream):

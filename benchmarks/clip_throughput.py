@@ -14,7 +14,9 @@ clip.preprocess path measures:
 * the scoring stage in Beam: shards read and scored by ScoreAndFilter on the
   local runner (one process with threads, or --beam-mode multi_processing),
   run on a fifth of the shards and on all of them: the difference gives the
-  marginal rate and CPU per pair, free of pipeline start and model loads.
+  marginal rate and CPU per pair, free of pipeline start and model loads; and
+  (one process) the steady state of the full run alone, from the start of its
+  first batch to the start of its last, which varies less.
 
 Every stage figure comes with the CPU core-ms per pair spent outside the model
 forward (process CPU time, worker processes included, minus the forward's own).

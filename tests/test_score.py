@@ -243,3 +243,27 @@ def test_score_survives_damaged_shards_and_ledger_equals_rows_read(tmp_path):
     assert read_before_damage >= 1
     assert sum(r["status"] == "ok" for r in ledger) == 2 + read_before_damage
     assert os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+def test_a_damaged_header_mid_shard_is_a_ledger_row_not_a_shorter_shard(tmp_path):
+    """tarfile's reader took a bad header after the first for the end of the archive: the samples
+    from there on vanished without a row.  Now the damage is a corrupt_shard row (naming the
+    sample being read), and the ledger still equals the rows read."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    whole = bytearray(tar_bytes(sample(0) + sample(1) + sample(2) + sample(3)))
+    at = whole.index(b"000000002.jpg")
+    whole[at + 200] ^= 0xFF  # sample 2's image header: its checksum no longer holds
+    (folder / "bad.tar").write_bytes(bytes(whole))
+    (folder / "good.tar").write_bytes(tar_bytes(sample(5)))
+    out = str(tmp_path / "out")
+    stats = run_score(f"{folder}/*", out, score_config())
+    ledger = read_ledger(out)
+    assert stats["rows_in"] == stats["ledger_rows"] == len(ledger) == 3
+    bad = sorted((r for r in ledger if r["source"].endswith("bad.tar")), key=lambda r: r["status"])
+    assert [r["status"] for r in bad] == ["decode_failed", "ok"]  # sample 0, then the damage
+    assert bad[0]["key"] == "000000001" and bad[1]["uid"] == sample_uid("bad.tar", "000000000")
+    assert bad[0]["error"].startswith("corrupt_shard: ") and "bad checksum" in bad[0]["error"]
+    assert "in sample '000000001'" in bad[0]["error"]
+    assert stats["errors"]["decode_failed"]["corrupt_shard"] == 1
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))

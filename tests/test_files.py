@@ -23,11 +23,13 @@ def tar_of(members, tar_format):
 
 
 def reference(data):
-    """(key, {ext: bytes}) by tarfile's random-access reader, for comparison."""
+    """What iter_samples should give, by tarfile: regular files with an extension, hidden ones left out."""
     samples = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
         for info in tar:
             key, ext = files.split_member(info.name)
+            if not info.isfile() or not ext or os.path.basename(info.name).startswith("."):
+                continue
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
             samples[-1][1][ext] = tar.extractfile(info).read()
@@ -75,20 +77,6 @@ def test_oversized_and_skipped_members_keep_the_stream_in_step():
     assert len(got) == len(SIZES)
 
 
-def reference_samples(data):
-    """What iter_samples should give, by tarfile: regular files with an extension, hidden ones left out."""
-    samples = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for info in tar:
-            key, ext = files.split_member(info.name)
-            if not info.isfile() or not ext or os.path.basename(info.name).startswith("."):
-                continue
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][ext] = tar.extractfile(info).read()
-    return samples
-
-
 def test_links_directories_hidden_files_and_odd_names_read_as_tarfile_reads_them():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
@@ -111,7 +99,7 @@ def test_links_directories_hidden_files_and_odd_names_read_as_tarfile_reads_them
         add("shard/" + "x" * 150 + "/0004.jpg", b"long name")  # pax path record
         add("shard/0005.jpg", b"\x00" * 513)
     data = buf.getvalue()
-    expected = reference_samples(data)
+    expected = reference(data)
     assert [k for k, _ in expected] == ["shard/0001", "shard/\u00e9t\u00e9/0003", "shard/" + "x" * 150 + "/0004",
                                         "shard/0005"]
     assert list(iter_samples(io.BytesIO(data))) == expected
@@ -119,17 +107,12 @@ def test_links_directories_hidden_files_and_odd_names_read_as_tarfile_reads_them
 
 def test_ustar_prefix_base256_sizes_and_undecodable_names_read_as_tarfile_reads_them():
     def header(name: bytes, size: int, prefix: bytes = b"", base256: bool = False, signed: bool = False) -> bytes:
-        info = tarfile.TarInfo("x")
-        info.size = size
-        block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        block = bytearray(plain_header("x", size))
         block[0:100] = name.ljust(100, b"\0")
         block[345:500] = prefix.ljust(155, b"\0")
         if base256:
             block[124:136] = b"\x80" + size.to_bytes(11, "big")
-        block[148:156] = b" " * 8
-        # Some old tars summed the bytes as signed chars: tarfile accepts either sum.
-        block[148:156] = b"%06o\0 " % sum(b - 256 if signed and b > 127 else b for b in block)
-        return bytes(block)
+        return with_checksum(block, signed)
 
     def member(name, data, **kw):
         return header(name, len(data), **kw) + data + bytes(-len(data) % 512)
@@ -137,7 +120,7 @@ def test_ustar_prefix_base256_sizes_and_undecodable_names_read_as_tarfile_reads_
     data = (member(b"0001.jpg", b"image", prefix=b"some/folder") + member(b"0001.txt", b"caption", base256=True)
             + member(b"caf\xe9.txt", b"latin-1 name") + member(b"\xe9t\xe9.txt", b"signed", signed=True)
             + bytes(1024))
-    expected = reference_samples(data)
+    expected = reference(data)
     assert [k for k, _ in expected] == ["some/folder/0001", "0001", "caf\udce9", "\udce9t\udce9"]
     assert list(iter_samples(io.BytesIO(data))) == expected
 
@@ -190,6 +173,15 @@ def test_a_size_no_member_has_is_damage_and_allocates_nothing(claimed, error):
             list(iter_samples(io.BytesIO(buf.getvalue()), max_member_bytes=limit))
 
 
+def with_checksum(block, signed=False):
+    """A header block with its checksum field set; some old tars summed the bytes as signed
+    chars, and tarfile accepts either sum."""
+    block = bytearray(block)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(b - 256 if signed and b > 127 else b for b in block)
+    return bytes(block)
+
+
 def plain_header(name, size, kind=b"0"):
     info = tarfile.TarInfo(name)
     info.size, info.type = size, kind
@@ -216,7 +208,7 @@ def test_malformed_pax_records_are_damage(record):
 def test_solaris_extended_headers_and_pax_paths_read_as_tarfile_reads_them():
     for kind, record in ((b"X", b"19 path=abcdef.txt\n"), (b"x", b"21 path=dir/f.txt///\n")):
         data = plain_header("p", len(record), kind) + padded(record) + MEMBER + END
-        expected = reference_samples(data)
+        expected = reference(data)
         assert expected and expected[0][0] in ("abcdef", "dir/f")
         assert list(iter_samples(io.BytesIO(data))) == expected
 
@@ -224,8 +216,7 @@ def test_solaris_extended_headers_and_pax_paths_read_as_tarfile_reads_them():
 def test_a_negative_octal_size_is_damage():
     header = bytearray(plain_header("a.txt", 0))
     header[124:136] = b"-1000".ljust(11, b" ") + b"\0"
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
+    header = with_checksum(header)
     with pytest.raises(files.CorruptShard, match="negative size"):
         list(iter_samples(io.BytesIO(bytes(header) + padded(b"y") + END)))
 
@@ -234,7 +225,7 @@ def test_a_negative_octal_size_is_damage():
 def test_a_plain_tar_whose_first_name_starts_like_a_compressed_stream_is_plain(magic):
     name = (magic + b"x.txt").decode("latin-1")  # xz's magic holds a NUL, which ends the name
     data = plain_header(name, 3) + padded(b"abc") + MEMBER + END
-    expected = reference_samples(data)
+    expected = reference(data)
     assert expected[-1][0] == "m" and list(iter_samples(io.BytesIO(data))) == expected
 
 
